@@ -1,0 +1,192 @@
+"""Tokenizer and prompt templates.
+
+A thin wrapper over the `tokenizers` library (the Rust tokenizer behind Hugging Face's fast
+tokenizers) that reads what a checkpoint directory holds -- `tokenizer.json`, plus the special
+token ids from `tokenizer_config.json`, `generation_config.json` and `config.json` -- and the two
+prompt formats the recipe needs, written as plain Python instead of Jinja:
+
+- the R1-Zero template (DeepSeek-R1 report, Table 1), used for R1-Zero and every later RL stage;
+- ChatML (`<|im_start|>role ... <|im_end|>`), the chat format of Qwen2/Qwen2.5/Qwen3 checkpoints.
+
+It also builds the embedded toy task's character-level tokenizer: one token per character of
+the toy alphabet plus one token per tag (`<think>`, `</think>`, `<answer>`, `</answer>`), so the
+tags the format reward reads are single tokens, as they are (or nearly are) in real BPE vocabularies.
+
+Departures: the checkpoint's own Jinja `chat_template` is not executed (it needs jinja2 and runs
+code from the checkpoint); `chatml()` reproduces the Qwen template for plain text messages, and
+`r1_zero_prompt()` is the report's template verbatim.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import AddedToken, decoders, models
+
+# --- templates --------------------------------------------------------------------------------
+
+# DeepSeek-R1 report, Table 1: the template for DeepSeek-R1-Zero. `prompt` is replaced by the question.
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then "
+    "provides the user with the answer. The reasoning process and answer are enclosed within "
+    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
+    "here </think> <answer> answer here </answer>. User: {prompt}. Assistant:"
+)
+
+THINK_TAGS = ("<think>", "</think>")
+ANSWER_TAGS = ("<answer>", "</answer>")
+
+
+def r1_zero_prompt(question: str) -> str:
+    """The R1-Zero prompt for one question; the model's response starts right after 'Assistant:'."""
+    return R1_ZERO_TEMPLATE.format(prompt=question.strip())
+
+
+def chatml(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """ChatML as Qwen2/Qwen2.5/Qwen3 write it, for messages [{"role": ..., "content": ...}].
+
+    With no system message, Qwen2.5's template inserts its default one; we do not (a departure
+    that only matters when comparing token-for-token with `apply_chat_template`).
+    """
+    out = []
+    for m in messages:
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"chatml: unknown role {m.get('role')!r}; use system, user or assistant")
+        out.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
+    if add_generation_prompt:
+        out.append("<|im_start|>assistant\n")
+    return "".join(out)
+
+
+# --- tokenizer --------------------------------------------------------------------------------
+
+def _token_text(tok) -> str | None:
+    """tokenizer_config.json writes special tokens either as a string or as {"content": ...}."""
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); re-download or re-save the checkpoint") from None
+
+
+class Tokenizer:
+    """Text <-> token ids, and the special ids the sampler and trainer need.
+
+    `eos_ids` is a list because chat checkpoints stop on several tokens (Qwen2.5-Instruct:
+    `<|im_end|>` and `<|endoftext|>`); `eos_id` is the first, the one appended to SFT targets.
+    """
+
+    def __init__(self, tok: _HFTokenizer, eos_ids: list[int], pad_id: int | None, bos_id: int | None = None):
+        if not eos_ids:
+            raise ValueError("tokenizer has no end-of-sequence token; set eos_token in tokenizer_config.json")
+        self.tok = tok
+        self.eos_ids = list(eos_ids)
+        self.eos_id = self.eos_ids[0]
+        self.pad_id = pad_id if pad_id is not None else self.eos_id  # pads are masked, any id works
+        self.bos_id = bos_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
+        return [([self.bos_id] if add_bos and self.bos_id is not None else []) + e.ids
+                for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, text: str) -> int | None:
+        return self.tok.token_to_id(text)
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Read tokenizer.json and the special ids from an HF-layout checkpoint directory."""
+        path = Path(path)
+        tj = path / "tokenizer.json"
+        if not tj.is_file():
+            raise FileNotFoundError(f"{tj} not found; a checkpoint directory needs a tokenizer.json "
+                                    "(save one with the checkpoint, or pass --tokenizer DIR)")
+        tok = _HFTokenizer.from_file(str(tj))
+        tcfg = _read_json(path / "tokenizer_config.json")
+        gcfg = _read_json(path / "generation_config.json")
+        mcfg = _read_json(path / "config.json")
+
+        def by_text(key):
+            t = _token_text(tcfg.get(key))
+            return tok.token_to_id(t) if t else None
+
+        # generation_config.json is what HF generate() stops on; fall back to the tokenizer's token.
+        eos = gcfg.get("eos_token_id", mcfg.get("eos_token_id"))
+        eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+        t_eos = by_text("eos_token")
+        if t_eos is not None and t_eos not in eos_ids:
+            eos_ids = [t_eos] + eos_ids  # the tokenizer's own eos first: it ends SFT targets
+        pad = by_text("pad_token")
+        if pad is None:
+            pad = gcfg.get("pad_token_id", mcfg.get("pad_token_id"))
+        bos = by_text("bos_token")
+        if bos is None and tcfg.get("add_bos_token", False):
+            bos = gcfg.get("bos_token_id", mcfg.get("bos_token_id"))
+        return cls(tok, eos_ids, pad, bos)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write tokenizer.json and a tokenizer_config.json that transformers' AutoTokenizer reads."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(path / "tokenizer.json"))
+        cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": self.tok.id_to_token(self.eos_id),
+            "pad_token": self.tok.id_to_token(self.pad_id),
+            "bos_token": self.tok.id_to_token(self.bos_id) if self.bos_id is not None else None,
+            "add_bos_token": self.bos_id is not None,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1 << 20,
+        }
+        (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
+# --- the toy task's character-level tokenizer ---------------------------------------------------
+
+TOY_EOS = "<|endoftext|>"
+TOY_PAD = "<|pad|>"
+TOY_TAGS = [*THINK_TAGS, *ANSWER_TAGS]
+
+
+def build_char_tokenizer(alphabet: str) -> Tokenizer:
+    """One token per character of `alphabet`, one per think/answer tag, plus eos and pad.
+
+    Ids: 0 = pad, 1 = eos, then the tags, then the characters in sorted order, so the vocabulary
+    is the same on every machine for the same alphabet. A character outside the alphabet maps to
+    `<unk>` (id after the characters); the toy corpus never contains one.
+    """
+    chars = sorted(set(alphabet) - {"\r"})
+    specials = [TOY_PAD, TOY_EOS, *TOY_TAGS]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    vocab["<unk>"] = len(vocab)
+    # BPE with no merges = character level; it keeps the decoder lossless (spaces included).
+    tok = _HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (TOY_PAD, TOY_EOS)])
+    # Tags are added (matched whole) but not special: decode(skip_special_tokens=True) keeps them.
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOY_TAGS])
+    return Tokenizer(tok, eos_ids=[vocab[TOY_EOS]], pad_id=vocab[TOY_PAD])
