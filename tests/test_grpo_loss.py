@@ -1,0 +1,327 @@
+"""grpo.py's loss half against a slow reference written with Python loops, plus its small pieces.
+
+Everything runs in float64 on CPU and takes a few seconds.
+"""
+import itertools
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from grpo import (AGGS, KL_ESTIMATORS, LOSS_PRESETS, LossConfig, group_advantages, grpo_loss,
+                  informative_groups, loss_preset, overlong_penalty)
+
+MAX_LEN = 12  # the "generation budget" for seq_mean_token_sum_norm; >= T below
+CLIPS = [(0.2, 0.2), (0.2, 0.28)]  # symmetric (DeepSeekMath) and clip-higher (DAPO)
+
+
+# --- the slow reference -------------------------------------------------------------------------
+
+
+def reference_loss(logprobs, old, ref, adv, mask, clip_low, clip_high, kl_coef, estimator, agg,
+                   max_len=None, total_tokens=None, total_seqs=None):
+    """DeepSeekMath eq. 3 token by token, with if/else clipping; autograd flows through logprobs."""
+    N, T = logprobs.shape
+    per_seq = []  # per sequence, the list of its token losses (0-dim tensors)
+    for i in range(N):
+        tokens = []
+        for t in range(T):
+            if mask[i, t] == 0:
+                continue
+            a = float(adv[i])
+            ratio = torch.exp(logprobs[i, t] - old[i, t])
+            if ratio > 1 + clip_high:  # clip(ratio) is a constant here: no gradient through it
+                clipped_ratio = torch.tensor(1 + clip_high, dtype=torch.float64)
+            elif ratio < 1 - clip_low:
+                clipped_ratio = torch.tensor(1 - clip_low, dtype=torch.float64)
+            else:
+                clipped_ratio = ratio
+            unclipped, clipped = ratio * a, clipped_ratio * a
+            surrogate = unclipped if float(unclipped.detach()) <= float(clipped.detach()) else clipped
+            loss = -surrogate
+            if kl_coef > 0:
+                log_r = ref[i, t] - logprobs[i, t]  # Schulman's log(p/q), q the policy
+                if estimator == "k1":
+                    kl = -log_r
+                elif estimator == "k2":
+                    kl = 0.5 * log_r * log_r
+                else:
+                    kl = torch.exp(log_r) - log_r - 1
+                loss = loss + kl_coef * kl
+            tokens.append(loss)
+        per_seq.append(tokens)
+    n_seq = total_seqs if total_seqs is not None else N
+    all_tokens = [x for tokens in per_seq for x in tokens]
+    if agg == "token_mean":
+        n_tok = total_tokens if total_tokens is not None else max(len(all_tokens), 1)
+        return sum(all_tokens, torch.tensor(0.0, dtype=torch.float64)) / n_tok
+    if agg == "seq_mean_token_mean":
+        seq_means = [sum(tokens) / len(tokens) if tokens else torch.tensor(0.0, dtype=torch.float64)
+                     for tokens in per_seq]
+        return sum(seq_means) / n_seq
+    return sum(all_tokens, torch.tensor(0.0, dtype=torch.float64)) / (n_seq * max_len)
+
+
+def random_batch(N=6, T=9, seed=0):
+    """Random float64 inputs with ragged right-padded masks (one sequence empty) and some A == 0."""
+    g = torch.Generator().manual_seed(seed)
+    logprobs = -3 * torch.rand(N, T, generator=g, dtype=torch.float64)  # (N, T)
+    old = logprobs + 0.3 * torch.randn(N, T, generator=g, dtype=torch.float64)  # ratios 0.5..2
+    ref = logprobs + 0.3 * torch.randn(N, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(N, generator=g, dtype=torch.float64)
+    adv[1] = 0.0
+    lengths = torch.randint(1, T + 1, (N,), generator=g)
+    lengths[2] = 0  # an empty completion
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(torch.float64)  # (N, T)
+    return logprobs, old, ref, adv, mask
+
+
+def loss_and_grad(fn, logprobs, *args, **kwargs):
+    lp = logprobs.clone().requires_grad_(True)
+    out = fn(lp, *args, **kwargs)
+    loss = out[0] if isinstance(out, tuple) else out
+    loss.backward()
+    return loss.detach(), lp.grad
+
+
+# --- grpo_loss against the reference --------------------------------------------------------------
+
+
+CASES = list(itertools.product(AGGS, KL_ESTIMATORS, CLIPS, [0.04, 0.0]))
+
+
+@pytest.mark.parametrize("seed,agg,estimator,clip,kl_coef", [(i, *c) for i, c in enumerate(CASES)])
+def test_grpo_loss_matches_reference(seed, agg, estimator, clip, kl_coef):
+    logprobs, old, ref, adv, mask = random_batch(seed=seed)
+    kw = dict(clip_low=clip[0], clip_high=clip[1], kl_coef=kl_coef)
+    loss, grad = loss_and_grad(grpo_loss, logprobs, old, ref, adv, mask, kl_estimator=estimator,
+                               agg=agg, max_len=MAX_LEN, **kw)
+    ref_loss, ref_grad = loss_and_grad(reference_loss, logprobs, old, ref, adv, mask,
+                                       estimator=estimator, agg=agg, max_len=MAX_LEN, **kw)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_random_batch_exercises_both_clips():
+    """The parity test above only means something if some tokens are clipped on each side."""
+    logprobs, old, ref, adv, mask = random_batch()
+    _, stats = grpo_loss(logprobs, old, ref, adv, mask)
+    assert stats["clip_frac_low"] > 0 and stats["clip_frac_high"] > 0
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_microbatch_and_rank_invariance(agg):
+    """Micro-batches (or ranks) with global counts: losses and gradients sum to the full batch's."""
+    logprobs, old, ref, adv, mask = random_batch(N=8, T=7, seed=3)
+    kw = dict(kl_coef=0.04, agg=agg, max_len=MAX_LEN)
+    full_loss, full_grad = loss_and_grad(grpo_loss, logprobs, old, ref, adv, mask, **kw)
+    lp = logprobs.clone().requires_grad_(True)
+    total_tokens, total_seqs = mask.sum(), mask.shape[0]
+    shares, stat_shares = [], []
+    for rows in (slice(0, 3), slice(3, 4), slice(4, 8)):  # uneven splits, one holds the empty row
+        loss, stats = grpo_loss(lp[rows], old[rows], ref[rows], adv[rows], mask[rows],
+                                total_tokens=total_tokens, total_seqs=total_seqs, **kw)
+        loss.backward()  # accumulates into lp.grad, as gradient accumulation does
+        shares.append(loss.detach())
+        stat_shares.append(stats["pg_loss"] + stats["kl_loss"])
+    torch.testing.assert_close(sum(shares), full_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lp.grad, full_grad, rtol=1e-12, atol=1e-12)
+    assert math.isclose(sum(stat_shares), float(full_loss), rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_on_policy_without_kl_is_plain_policy_gradient(agg):
+    """ratio == 1 (first pass) and kl_coef = 0: grad = -A * mask / normaliser, token by token."""
+    logprobs, _, _, adv, mask = random_batch(seed=5)
+    N = mask.shape[0]
+    _, grad = loss_and_grad(grpo_loss, logprobs, logprobs, None, adv, mask, kl_coef=0.0, agg=agg,
+                            max_len=MAX_LEN)
+    if agg == "token_mean":
+        norm = mask.sum()
+    elif agg == "seq_mean_token_mean":
+        norm = N * mask.sum(dim=1, keepdim=True).clamp(min=1)  # (N, 1)
+    else:
+        norm = N * MAX_LEN
+    torch.testing.assert_close(grad, -adv[:, None] * mask / norm, rtol=1e-12, atol=1e-12)
+
+
+# --- clipping and stats ------------------------------------------------------------------------
+
+
+def clip_example():
+    """3 sequences (A = +1, -1, 0) x 4 tokens with ratios 1.5, 0.5, 1.0, 1.25 (old logprobs 0)."""
+    ratios = torch.tensor([1.5, 0.5, 1.0, 1.25], dtype=torch.float64)
+    logprobs = ratios.log().repeat(3, 1)  # (3, 4)
+    old = torch.zeros_like(logprobs)
+    adv = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)
+    return logprobs, old, adv, torch.ones_like(logprobs)
+
+
+@pytest.mark.parametrize("clip_high,high_clipped", [(0.2, [0, 3]), (0.28, [0])])
+def test_clipped_tokens_get_no_gradient(clip_high, high_clipped):
+    logprobs, old, adv, mask = clip_example()
+    lp = logprobs.clone().requires_grad_(True)
+    loss, stats = grpo_loss(lp, old, None, adv, mask, clip_high=clip_high, kl_coef=0.0,
+                            agg="token_mean")
+    loss.backward()
+    zero = torch.zeros(3, 4, dtype=torch.bool)
+    zero[0, high_clipped] = True  # A > 0 and ratio > 1 + clip_high
+    zero[1, 1] = True  # A < 0 and ratio < 1 - clip_low
+    zero[2, :] = True  # A == 0
+    assert (lp.grad[zero] == 0).all() and (lp.grad[~zero] != 0).all()
+    # A > 0 with ratio 0.5 and A < 0 with ratio 1.5 are *not* clipped: the min keeps the ratio.
+    assert stats["clip_frac_high"] == pytest.approx(len(high_clipped) / 12)
+    assert stats["clip_frac_low"] == pytest.approx(1 / 12)
+    assert stats["clip_frac"] == pytest.approx((len(high_clipped) + 1) / 12)
+    assert stats["ratio_min"] == pytest.approx(0.5) and stats["ratio_max"] == pytest.approx(1.5)
+    assert stats["ratio_mean"] == pytest.approx((1.5 + 0.5 + 1.0 + 1.25) / 4)
+
+
+def test_stats_values():
+    logprobs, old, ref, adv, mask = random_batch(seed=7)
+    loss, stats = grpo_loss(logprobs, old, ref, adv, mask, kl_coef=0.1, kl_estimator="k3")
+    m = mask.bool()
+    log_r = (ref - logprobs)[m]
+    assert stats["kl"] == pytest.approx(float((log_r.exp() - log_r - 1).mean()))
+    assert stats["entropy_proxy"] == pytest.approx(float(-logprobs[m].mean()))
+    assert stats["loss"] == pytest.approx(float(loss))
+    assert stats["pg_loss"] + stats["kl_loss"] == pytest.approx(float(loss))
+    assert stats["adv_mean"] == pytest.approx(float(adv.mean()))
+    assert stats["adv_std"] == pytest.approx(float(adv.std(correction=0)))
+    assert stats["adv_zero_frac"] == pytest.approx(1 / len(adv))
+    assert stats["num_tokens"] == float(mask.sum()) and stats["num_seqs"] == len(adv)
+    assert all(isinstance(v, float) for v in stats.values())
+    _, no_ref = grpo_loss(logprobs, old, None, adv, mask, kl_coef=0.0)
+    assert no_ref["kl"] == 0.0 and no_ref["kl_loss"] == 0.0
+
+
+def test_empty_microbatch():
+    """A rank or micro-batch with no sequences (or no tokens) gives loss 0, a zero gradient, no NaN."""
+    logprobs, old, ref, adv, mask = random_batch()
+    for rows in (slice(0, 0), slice(2, 3)):  # no sequences; one sequence with no tokens
+        for agg in AGGS:
+            loss, grad = loss_and_grad(grpo_loss, logprobs[rows], old[rows], ref[rows], adv[rows],
+                                       mask[rows], agg=agg, max_len=MAX_LEN)
+            _, stats = grpo_loss(logprobs[rows], old[rows], ref[rows], adv[rows], mask[rows],
+                                 agg=agg, max_len=MAX_LEN)
+            assert float(loss) == 0 and (grad == 0).all()
+            assert all(math.isfinite(v) for v in stats.values()) and stats["ratio_max"] == 1.0
+
+
+def test_padding_values_are_ignored():
+    """Garbage (inf, nan) at masked-out positions changes neither the loss nor the gradient."""
+    logprobs, old, ref, adv, mask = random_batch(seed=9)
+    dirty_lp, dirty_old, dirty_ref = logprobs.clone(), old.clone(), ref.clone()
+    pad = mask == 0
+    dirty_lp[pad], dirty_old[pad], dirty_ref[pad] = float("-inf"), float("nan"), float("inf")
+    for agg in AGGS:
+        clean = loss_and_grad(grpo_loss, logprobs, old, ref, adv, mask, agg=agg, max_len=MAX_LEN)
+        dirty = loss_and_grad(grpo_loss, dirty_lp, dirty_old, dirty_ref, adv, mask, agg=agg,
+                              max_len=MAX_LEN)
+        torch.testing.assert_close(dirty, clean, rtol=0, atol=0)
+
+
+def test_grpo_loss_errors():
+    logprobs, old, ref, adv, mask = random_batch()
+    with pytest.raises(ValueError, match="needs ref_logprobs"):
+        grpo_loss(logprobs, old, None, adv, mask, kl_coef=0.04)
+    with pytest.raises(ValueError, match="needs max_len"):
+        grpo_loss(logprobs, old, ref, adv, mask, agg="seq_mean_token_sum_norm")
+    with pytest.raises(ValueError, match="choose one of"):
+        grpo_loss(logprobs, old, ref, adv, mask, agg="sum")
+    with pytest.raises(ValueError, match="choose one of"):
+        grpo_loss(logprobs, old, ref, adv, mask, kl_estimator="k4")
+    with pytest.raises(ValueError, match=r"advantages \(N,\)"):
+        grpo_loss(logprobs, old, ref, adv[:-1], mask)
+
+
+# --- advantages, filters, shaping -------------------------------------------------------------
+
+
+def test_group_advantages_known_values():
+    r = torch.tensor([[1.0, 2.0, 3.0], [1.0, 0.0, 0.0]])
+    std = group_advantages(r)
+    eps = 1e-4
+    s2 = math.sqrt(1 / 3)  # sample std of (1, 0, 0)
+    expected = torch.tensor([[-1 / (1 + eps), 0.0, 1 / (1 + eps)],
+                             [(2 / 3) / (s2 + eps), (-1 / 3) / (s2 + eps), (-1 / 3) / (s2 + eps)]])
+    torch.testing.assert_close(std, expected)
+    torch.testing.assert_close(group_advantages(r, scale="none"),
+                               torch.tensor([[-1.0, 0.0, 1.0], [2 / 3, -1 / 3, -1 / 3]]))
+
+
+@pytest.mark.parametrize("scale", ["std", "none"])
+def test_group_advantages_flat_groups_and_g1(scale):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "degrees of freedom <= 0" warning for G = 1
+        # float32 mean of (0.9, 0.9, 0.9) is not 0.9: without the explicit zeroing, A = 6e-4
+        flat = group_advantages(torch.tensor([[0.9, 0.9, 0.9], [1.0, 1.0, 1.0]]), scale=scale)
+        single = group_advantages(torch.tensor([[0.3], [1.0]]), scale=scale)
+    assert (flat == 0).all() and (single == 0).all()
+    assert group_advantages(torch.tensor([[1, 0]]), scale=scale).dtype.is_floating_point
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 6), st.sampled_from(["std", "none"]), st.data())
+def test_group_advantages_properties(P, G, scale, data):
+    values = data.draw(st.lists(st.sampled_from([0.0, 0.1, 0.5, 1.0]), min_size=P * G,
+                                max_size=P * G))
+    r = torch.tensor(values).reshape(P, G)
+    adv = group_advantages(r, scale=scale)
+    assert torch.isfinite(adv).all()
+    torch.testing.assert_close(adv.sum(dim=1), torch.zeros(P), atol=1e-5, rtol=0)
+    assert (adv[~informative_groups(r)] == 0).all()
+
+
+def test_group_advantages_errors():
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(torch.zeros(2, 3), scale="mad")
+    with pytest.raises(ValueError, match="NaN"):
+        group_advantages(torch.tensor([[0.0, float("nan")]]))
+
+
+def test_informative_groups():
+    r = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.6]])
+    assert informative_groups(r).tolist() == [False, True, False, True]
+    assert informative_groups(torch.ones(3, 1)).tolist() == [False] * 3
+
+
+def test_overlong_penalty():
+    lengths = torch.tensor([0, 15, 16, 18, 20, 25])
+    out = overlong_penalty(lengths, max_len=20, buffer=5, penalty=0.5)
+    torch.testing.assert_close(out, 0.5 * torch.tensor([0.0, 0.0, -0.2, -0.6, -1.0, -1.0]))
+    assert (overlong_penalty(lengths, max_len=20, buffer=0) == 0).all()
+    with pytest.raises(ValueError, match="buffer"):
+        overlong_penalty(lengths, max_len=20, buffer=30)
+
+
+# --- presets --------------------------------------------------------------------------------------
+
+
+def test_presets():
+    g, d, a = LOSS_PRESETS["grpo"], LOSS_PRESETS["dr_grpo"], LOSS_PRESETS["dapo"]
+    assert (g.adv_scale, g.agg, g.kl_estimator, g.kl_coef, g.clip_low, g.clip_high) == \
+        ("std", "seq_mean_token_mean", "k3", 0.04, 0.2, 0.2)
+    assert not g.dynamic_sampling and g.overlong_buffer_frac == 0
+    assert (d.adv_scale, d.agg, d.kl_coef, d.clip_low, d.clip_high) == \
+        ("none", "seq_mean_token_sum_norm", 0.0, 0.2, 0.2)
+    assert (a.clip_low, a.clip_high, a.agg, a.kl_coef, a.dynamic_sampling) == \
+        (0.2, 0.28, "token_mean", 0.0, True)
+    assert a.overlong_buffer_frac == pytest.approx(0.2) and a.overlong_penalty == 1.0
+
+
+def test_loss_preset_overrides_and_errors():
+    cfg = loss_preset("grpo", kl_coef=0.0, agg="token_mean")
+    assert cfg.kl_coef == 0.0 and cfg.agg == "token_mean" and cfg.adv_scale == "std"
+    assert LOSS_PRESETS["grpo"].kl_coef == 0.04  # the preset itself is untouched
+    with pytest.raises(ValueError, match="choose one of grpo, dr_grpo, dapo"):
+        loss_preset("ppo")
+    with pytest.raises(ValueError, match="unknown LossConfig field.*valid: adv_scale"):
+        loss_preset("grpo", beta=0.1)
+    with pytest.raises(ValueError, match="kl_estimator='k4'"):
+        loss_preset("grpo", kl_estimator="k4")
+    with pytest.raises(ValueError, match="clip_low"):
+        LossConfig(clip_low=1.5)
