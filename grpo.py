@@ -34,9 +34,14 @@ Departures and choices:
 """
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, fields, replace
 
 import torch
+
+from rewards import combine_rewards
+from rollout import Rollout, gathered_weights, generate, token_logprobs
 
 ADV_SCALES = ("std", "none")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -280,5 +285,217 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
     return loss, dict(zip(stats, values))  # one device sync for all stats
 
 
-# --- the RL step -------------------------------------------------------------------------------
-# The RL step (rollout -> rewards -> advantages -> mu passes over minibatches) goes below.
+# --- the RL step ------------------------------------------------------------------------------
+# DeepSeekMath Algorithm 1's inner loop: sample G outputs per prompt, score them, then mu passes
+# of policy updates over minibatches with pi_old fixed. Distributed details stay in train.py: the
+# step only receives `world` and an `all_reduce(float) -> float` for the global counts.
+@dataclass
+class GRPOConfig:
+    """Settings of the RL loop; the loss itself is `LossConfig` (preset + per-field overrides)."""
+    steps: int = 60                 # RL steps (one rollout batch each)
+    prompts_per_step: int = 32      # P: prompts per step, global over ranks (DeepSeekMath: 1024)
+    group_size: int = 8             # G: samples per prompt (DeepSeekMath: 64; R1 report: 16)
+    max_new_tokens: int = 96        # generation budget per sample
+    temperature: float = 1.0        # sampling temperature; logprobs are of the tempered policy
+    top_p: float = 1.0              # nucleus sampling (1 = off; GRPO samples the full policy)
+    mu: int = 1                     # policy passes over each rollout batch (DeepSeekMath's mu)
+    minibatches: int = 1            # optimizer steps per pass; 1 with mu=1 is strictly on-policy
+    micro_batch: int = 128          # sequences per forward/backward (memory knob only)
+    lr: float = 5e-4                # AdamW learning rate (constant after warm-up)
+    warmup: int = 3                 # linear warm-up steps
+    weight_decay: float = 0.0       # AdamW decoupled weight decay
+    max_grad_norm: float = 1.0      # global gradient-norm clip
+    loss: str = "grpo"              # LossConfig preset: grpo | dr_grpo | dapo
+    max_refill: int = 2             # dynamic sampling: extra rollout rounds to replace flat groups
+
+
+def sequence_logprobs(model, input_ids, kv_start, temperature: float, micro_batch: int):
+    """Per-token logprobs (N, L) of `input_ids` under `model`, micro-batched; grad flows if enabled."""
+    outs = []
+    for i in range(0, input_ids.shape[0], micro_batch):
+        ids, st = input_ids[i:i + micro_batch], kv_start[i:i + micro_batch]   # (n, L), (n,)
+        outs.append(token_logprobs(model(ids, kv_start=st), ids, temperature))  # (n, L)
+    return torch.cat(outs)                                                     # (N, L)
+
+
+def score_rollout(texts: list[str], samples: list[dict], G: int, weights: dict) -> tuple[torch.Tensor, dict]:
+    """Rewards (P, G) and per-component means for completions in prompt-major order."""
+    totals, comps = [], {}
+    for i, text in enumerate(texts):
+        s = samples[i // G]
+        r, parts = combine_rewards(text, s["prompt"], s, weights)
+        totals.append(r)
+        for k, v in parts.items():
+            comps.setdefault(k, []).append(v)
+    return torch.tensor(totals).view(-1, G), {k: sum(v) / len(v) for k, v in comps.items()}
+
+
+def rl_step(policy, ref, tok, draw_prompts, cfg: GRPOConfig, lcfg: LossConfig, weights: dict,
+            optimizer, lr: float, seed: int, world: int = 1, all_reduce=None) -> dict:
+    """One GRPO step (DeepSeekMath Algorithm 1, inner loop) on this rank's share of prompts.
+
+    draw_prompts(n) -> this rank's next n sample dicts. Sampling, scoring and advantages are local
+    (whole groups live on one rank); `policy_update` then sums token and sequence counts over ranks
+    with `all_reduce`, so the update equals the single-process update on the same global batch.
+    """
+    t0 = time.perf_counter()
+    batch, info = collect(policy, ref, tok, draw_prompts, cfg.prompts_per_step // world, cfg, lcfg,
+                          weights, seed)
+    gen_time = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    stats = policy_update(policy, batch, cfg, lcfg, optimizer, lr, world, all_reduce)
+    stats.update(info, lr=lr, gen_time=gen_time, train_time=time.perf_counter() - t1)
+    if all_reduce is not None:  # average every stat over ranks; token counts are summed
+        stats = {k: (all_reduce(v) if k == "gen_tokens" else all_reduce(v) / world) for k, v in stats.items()}
+    return stats
+
+
+@dataclass
+class Batch:
+    """What a policy update consumes: N sequences (prompt + completion) with their fixed targets."""
+    input_ids: torch.Tensor             # (N, L) long, left-padded prompt then completion
+    kv_start: torch.Tensor              # (N,) first real token of each row
+    mask: torch.Tensor                  # (N, L) 1 on completion tokens
+    old_logprobs: torch.Tensor          # (N, L) log pi_old of each token (0 off the mask)
+    ref_logprobs: torch.Tensor | None   # (N, L) log pi_ref, None without a KL term
+    advantages: torch.Tensor            # (N,)
+
+
+def collect(policy, ref, tok, draw_prompts, n_prompts: int, cfg: GRPOConfig, lcfg: LossConfig,
+            weights: dict, seed: int) -> tuple[Batch, dict]:
+    """Sample G completions for each of `n_prompts` prompts (this rank's P / world), score them, and compute advantages (and the
+    old/ref logprobs the loss holds fixed). Returns the Batch and rollout statistics."""
+    G, P = cfg.group_size, n_prompts
+    samples = draw_prompts(P)
+    roll, rewards, comps = _sample_and_score(policy, tok, samples, cfg, lcfg, weights, seed)
+    n_drawn = P
+    if lcfg.dynamic_sampling:  # DAPO section 3.2: replace groups whose rewards are all equal
+        for rnd in range(cfg.max_refill):
+            keep = informative_groups(rewards)                                   # (P,)
+            if bool(keep.all()):
+                break
+            extra = draw_prompts(int((~keep).sum()))
+            n_drawn += len(extra)
+            r2, rew2, _ = _sample_and_score(policy, tok, extra, cfg, lcfg, weights, seed + 7919 * (rnd + 1))
+            kept = keep.nonzero().flatten().tolist()
+            roll = concat_groups([(roll, kept), (r2, list(range(len(extra))))], G, tok.pad_id)
+            rewards = torch.cat([rewards[kept], rew2])                            # (P, G)
+    adv = group_advantages(rewards, lcfg.adv_scale).flatten()                   # (P*G,)
+    ids, start = roll.input_ids, roll.kv_start                                   # (N, L), (N,)
+    old = roll.old_logprobs                                                      # (N, L)
+    if cfg.mu > 1 or cfg.minibatches > 1 or ids.device.type != "cpu":
+        # Off-policy passes, or bf16 on GPU: take pi_old from the trainer's own forward so the
+        # first ratio is exactly 1. (On CPU in fp32 the sampler's logprobs already match it to
+        # 1e-4: tests/test_rollout.py checks that.)
+        with torch.no_grad():
+            old = sequence_logprobs(policy, ids, start, cfg.temperature, cfg.micro_batch)
+    ref_lp = None
+    if lcfg.kl_coef > 0:
+        with torch.no_grad():
+            ref_lp = sequence_logprobs(ref, ids, start, cfg.temperature, cfg.micro_batch)  # (N, L)
+    lengths = roll.lengths.float()
+    info = {
+        "reward": float(rewards.mean()), **{f"reward/{k}": v for k, v in comps.items()},
+        "response_length": float(lengths.mean()), "gen_tokens": float(lengths.sum()),
+        "informative_groups": float(informative_groups(rewards).float().mean()),
+        "prompts_drawn": float(n_drawn),
+        "finish_eos": sum(r == "eos" for r in roll.finish_reasons) / len(roll.finish_reasons),
+    }
+    return Batch(ids, start, roll.completion_mask.float(), old, ref_lp, adv), info
+
+
+def policy_update(policy, b: Batch, cfg: GRPOConfig, lcfg: LossConfig, optimizer, lr: float,
+                  world: int = 1, all_reduce=None) -> dict:
+    """mu passes over the batch in `minibatches` optimizer steps, each accumulated over
+    micro-batches of `micro_batch` sequences. Loss shares use the minibatch's global token and
+    sequence counts, so neither the micro-batch size nor the number of ranks changes the update."""
+    N = b.input_ids.shape[0]
+    mb = -(-N // cfg.minibatches)
+    acc, n_tok, grad_norm = {}, 0.0, 0.0
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    for _ in range(cfg.mu):
+        for lo in range(0, N, mb):
+            hi = min(lo + mb, N)
+            tot_tok = _sum(float(b.mask[lo:hi].sum()), all_reduce)
+            tot_seq = _sum(float(hi - lo), all_reduce)
+            for i in range(lo, hi, cfg.micro_batch):
+                j = min(i + cfg.micro_batch, hi)
+                ids = b.input_ids[i:j]                                              # (n, L)
+                lp = token_logprobs(policy(ids, kv_start=b.kv_start[i:j]), ids, cfg.temperature)  # (n, L)
+                loss, st = grpo_loss(lp, b.old_logprobs[i:j], None if b.ref_logprobs is None else b.ref_logprobs[i:j],
+                                     b.advantages[i:j], b.mask[i:j], clip_low=lcfg.clip_low,
+                                     clip_high=lcfg.clip_high, kl_coef=lcfg.kl_coef,
+                                     kl_estimator=lcfg.kl_estimator, agg=lcfg.agg, max_len=cfg.max_new_tokens,
+                                     total_tokens=tot_tok, total_seqs=tot_seq)
+                (loss * world).backward()  # FSDP averages gradients over ranks; the shares must sum
+                n_tok += st["num_tokens"]
+                for k, v in st.items():  # shares add up; means are weighted by their token counts
+                    acc[k] = acc.get(k, 0.0) + (v if k in _SHARES else v * st["num_tokens"])
+            gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+            if not math.isfinite(grad_norm):
+                raise FloatingPointError(f"gradient norm is {grad_norm}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    steps = cfg.mu * cfg.minibatches
+    out = {k: (v / steps if k in _SHARES else v / max(n_tok, 1.0))
+           for k, v in acc.items() if k not in ("num_tokens", "num_seqs")}
+    out["grad_norm"] = grad_norm
+    return out
+
+
+_SHARES = ("loss", "pg_loss", "kl_loss")  # grpo_loss stats that are sums of micro-batch shares
+
+
+def _sum(x: float, all_reduce) -> float:
+    return all_reduce(x) if all_reduce is not None else x
+
+
+def _sample_and_score(policy, tok, samples, cfg, lcfg, weights, seed):
+    prompts = [tok.encode(s["prompt"]) for s in samples]
+    with gathered_weights(policy):
+        roll = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                        num_samples=cfg.group_size, eos_token_id=tok.eos_ids, seed=seed,
+                        pad_token_id=tok.pad_id)
+    texts = [tok.decode([t for t in toks if t not in tok.eos_ids]) for toks in roll.tokens]
+    rewards, comps = score_rollout(texts, samples, cfg.group_size, weights)   # (P, G)
+    if lcfg.overlong_buffer_frac > 0:  # DAPO §3.4: soft penalty near the generation budget
+        buf = max(1, int(lcfg.overlong_buffer_frac * cfg.max_new_tokens))
+        pen = overlong_penalty(roll.lengths.float(), cfg.max_new_tokens, buf, lcfg.overlong_penalty)
+        rewards = rewards + pen.view_as(rewards)
+        comps["overlong"] = float(pen.mean())
+    return roll, rewards, comps
+
+
+def concat_groups(parts: list[tuple[Rollout, list[int]]], G: int, pad_id: int) -> Rollout:
+    """One Rollout from whole groups of several (dynamic sampling keeps some groups, adds refills).
+
+    parts: (rollout, indices of the prompts/groups to keep). The padded tensors are rebuilt from
+    the token lists in the layout rollout.generate produces: left-padded prompts, then completions.
+    """
+    prompts, tokens, logprobs, finish = [], [], [], []
+    for roll, keep in parts:
+        Tp = roll.prompt_len
+        for p in keep:
+            for r in range(p * G, (p + 1) * G):
+                prompts.append(roll.input_ids[r, int(roll.kv_start[r]):Tp].tolist())
+                tokens.append(roll.tokens[r])
+                logprobs.append(roll.logprobs[r])
+                finish.append(roll.finish_reasons[r])
+    N = len(tokens)
+    Tp, Tc = max(map(len, prompts)), max(1, max(map(len, tokens)))
+    ids = torch.full((N, Tp + Tc), pad_id, dtype=torch.long)          # (N, Tp + Tc)
+    mask = torch.zeros(N, Tp + Tc)                                     # (N, Tp + Tc)
+    old = torch.zeros(N, Tp + Tc)                                      # (N, Tp + Tc)
+    start = torch.tensor([Tp - len(p) for p in prompts])               # (N,)
+    for i, (p, t, lp) in enumerate(zip(prompts, tokens, logprobs)):
+        ids[i, Tp - len(p):Tp] = torch.tensor(p, dtype=torch.long)
+        ids[i, Tp:Tp + len(t)] = torch.tensor(t, dtype=torch.long)
+        mask[i, Tp:Tp + len(t)] = 1.0
+        old[i, Tp:Tp + len(t)] = torch.tensor(lp)
+    device = parts[0][0].input_ids.device
+    return Rollout(tokens=tokens, logprobs=logprobs, finish_reasons=finish, input_ids=ids.to(device),
+                   kv_start=start.to(device), completion_mask=mask.to(device), old_logprobs=old.to(device),
+                   prompt_index=torch.arange(N // G).repeat_interleave(G).to(device),
+                   lengths=torch.tensor([len(t) for t in tokens]).to(device), prompt_len=Tp)

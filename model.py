@@ -29,7 +29,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -140,6 +140,9 @@ ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llam
 PRESETS: dict[str, dict] = {
     "toy": dict(model_type="qwen2", hidden_size=128, intermediate_size=384, num_layers=4,
                 num_heads=4, num_kv_heads=2, max_seq_len=256, rope_theta=10000.0),
+    # for tests: the same family at a size where every stage runs in a second or two
+    "micro": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=2, num_kv_heads=1, max_seq_len=256, qkv_bias=True),
     "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                          num_layers=24, num_heads=14, num_kv_heads=2, max_seq_len=32768,
                          rope_theta=1e6, tie_embeddings=True, qkv_bias=True),

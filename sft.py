@@ -17,6 +17,7 @@ scale; packing would need a block-diagonal mask); the loss is a token mean over 
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -75,7 +76,6 @@ def sft_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
     """Linear warm-up then cosine decay to peak * min_ratio (the usual LLM schedule)."""
-    import math
     if step < warmup:
         return peak * (step + 1) / warmup
     frac = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -126,10 +126,14 @@ def sft_step(model, optimizer, batch: list, pad_id: int, cfg: SFTConfig, lr: flo
         loss_sum += loss.item() / world
     if all_reduce is not None:
         loss_sum = all_reduce(loss_sum)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)  # DTensor under FSDP
+    if not math.isfinite(grad_norm) or not math.isfinite(loss_sum):
+        optimizer.zero_grad(set_to_none=True)  # never step on a non-finite gradient
+        raise FloatingPointError(f"loss {loss_sum}, gradient norm {grad_norm}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_sum, "grad_norm": float(grad_norm), "lr": lr, "tokens": total}
+    return {"loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "tokens": total}
 
 
 def _device(model) -> torch.device:
