@@ -459,7 +459,7 @@ def collect_verified(model, tok, task, n_prompts: int, k: int, g: grpo.GRPOConfi
                             seed=seed + i, pad_token_id=tok.pad_id)
         for j, ids in enumerate(roll.tokens):
             s, text = chunk[j // k], _text(tok, ids)
-            ok = (roll.finish_reason[j] == "eos" and format_reward(text) == 1.0
+            ok = (roll.finish_reasons[j] == "eos" and format_reward(text) == 1.0
                   and language_reward(text, s["prompt"]) == 1.0
                   and __import__("rewards").accuracy_reward(text, s) == 1.0)
             if ok and (s["prompt"], text) not in seen:

@@ -430,9 +430,25 @@ def _check(q, k, v, kv_start):
         raise ValueError(f"kv_start must have shape ({B},), got {tuple(kv_start.shape)}")
 
 
+def _decode_attention(q, k, v, kv_start):
+    """One query row per sequence (a decode step): it sees every cached key but the left pads.
+    Grouped matmuls read each KV head once for its H/Hkv query heads; on CPU this is ~2x faster
+    than SDPA's flash kernel with a mask for Tq == 1 (measured in bench.py rollout)."""
+    (B, H, _, D), (Hkv, Tk) = q.shape, k.shape[1:3]
+    s = q.reshape(B, Hkv, H // Hkv, D) @ k.transpose(-1, -2) * (1.0 / math.sqrt(D))  # (B, Hkv, H/Hkv, Tk)
+    if kv_start is None:
+        return (s.softmax(-1) @ v).reshape(B, H, 1, D)                               # (B, H, 1, D)
+    pad = torch.arange(Tk, device=q.device) < kv_start[:, None]                      # (B, Tk)
+    has_key = (kv_start < Tk).view(B, 1, 1, 1)                                        # (B, 1, 1, 1)
+    s = s.masked_fill(pad.view(B, 1, 1, Tk) & has_key, float("-inf"))
+    return (s.softmax(-1) @ v).reshape(B, H, 1, D).masked_fill(~has_key, 0.0)        # (B, H, 1, D)
+
+
 def _sdpa(q, k, v, causal, kv_start):
     """torch SDPA with the same semantics: bottom-right causal, kv_start padding, empty rows -> 0."""
     (B, H, Tq, D), Tk = q.shape, k.shape[2]
+    if Tq == 1 and not torch.is_grad_enabled():
+        return _decode_attention(q, k, v, kv_start)
     if kv_start is None and (not causal or Tq == Tk or Tq == 1):  # SDPA's is_causal is top-left aligned
         # so use it only where that agrees: Tq == Tk, or a decode row, which sees every key anyway
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq > 1, enable_gqa=True)
