@@ -86,8 +86,11 @@ def _rng(*parts) -> random.Random:
 
 # Compressed R1-Zero template (see Departures); `q` is the question, the response follows the colon.
 TOY_TEMPLATES = {"en": "User: {q} Assistant:", "zh": "用户: {q} 助手:"}
-# One digit step: "7+5+1=13 carry 1." / "7+5+1=13 进1。" ("+1" only when a carry comes in).
-STEP_TEMPLATES = {"en": "{x}+{y}{c_in}={s} carry {c}.", "zh": "{x}+{y}{c_in}={s} 进{c}。"}
+# One digit step: "7+5+1=13 carry 1, so 34." / "7+5+1=13 进1，得34。" ("+1" only when a carry comes
+# in). "so" is the answer's digits written so far (the last step includes the final carry), so the
+# answer is a copy of the last step's result: each step reads only nearby text, which a 1M-parameter
+# character model learns in minutes; assembling the digits in reverse at the end, it did not.
+STEP_TEMPLATES = {"en": "{x}+{y}{c_in}={s} carry {c}, so {r}.", "zh": "{x}+{y}{c_in}={s} 进{c}，得{r}。"}
 
 # General requests for stages 3-4: {lang: (request, acceptable answers)}. Aligned across languages so
 # a wrong-language response answers the same request.
@@ -134,8 +137,12 @@ def addition_steps(a: int, b: int) -> list[tuple[int, int, int, int, int]]:
 
 def think_text(a: int, b: int, lang: str) -> str:
     """The chain of thought for a + b, one step per digit: '<think> 8+6=14 carry 1. ... </think>'."""
-    steps = [STEP_TEMPLATES[lang].format(x=x, y=y, c_in="+1" if c_in else "", s=s, c=c)
-             for x, y, c_in, s, c in addition_steps(a, b)]
+    steps, digits = [], ""
+    plan = addition_steps(a, b)
+    for i, (x, y, c_in, s, c) in enumerate(plan):
+        digits = str(s % 10) + digits
+        r = (str(c) + digits) if (i == len(plan) - 1 and c) else digits  # the last step adds the carry
+        steps.append(STEP_TEMPLATES[lang].format(x=x, y=y, c_in="+1" if c_in else "", s=s, c=c, r=r))
     return "<think> " + " ".join(steps) + " </think>"
 
 

@@ -48,9 +48,11 @@ def test_worked_response_is_right(a, b, lang):
 
 
 def test_worked_example_matches_brief():
-    assert worked_response(478, 56, "en") == ("<think> 8+6=14 carry 1. 7+5+1=13 carry 1. 4+0+1=5 carry 0. "
+    assert worked_response(478, 56, "en") == ("<think> 8+6=14 carry 1, so 4. 7+5+1=13 carry 1, so 34. "
+                                              "4+0+1=5 carry 0, so 534. </think><answer>534</answer>")
+    assert worked_response(478, 56, "zh") == ("<think> 8+6=14 进1，得4。 7+5+1=13 进1，得34。 4+0+1=5 进0，得534。 "
                                               "</think><answer>534</answer>")
-    assert worked_response(478, 56, "zh") == "<think> 8+6=14 进1。 7+5+1=13 进1。 4+0+1=5 进0。 </think><answer>534</answer>"
+    assert worked_response(95, 85, "en").endswith("9+8+1=18 carry 1, so 180. </think><answer>180</answer>")
     assert TOY.sample(478, 56, "en")["prompt"] == "User: 478+56=? Assistant:"
     assert TOY.sample(478, 56, "zh")["prompt"] == "用户: 478+56=? 助手:"
 
