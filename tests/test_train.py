@@ -200,6 +200,7 @@ state = train.full_state(model)
 loss = d.all_reduce(stats["loss"])
 if d.main:
     torch.save({"state": state, "loss": loss}, sys.argv[2])
+torch.distributed.barrier()  # both ranks done before gloo tears its connections down
 torch.distributed.destroy_process_group()
 """
 
