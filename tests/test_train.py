@@ -202,6 +202,8 @@ if d.main:
     torch.save({"state": state, "loss": loss}, sys.argv[2])
 torch.distributed.barrier()  # both ranks done before gloo tears its connections down
 torch.distributed.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # see train.main: a gloo thread can abort the interpreter's exit (torch 2.13)
 """
 
 
