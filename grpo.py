@@ -332,16 +332,19 @@ def score_rollout(texts: list[str], samples: list[dict], G: int, weights: dict) 
 
 
 def rl_step(policy, ref, tok, draw_prompts, cfg: GRPOConfig, lcfg: LossConfig, weights: dict,
-            optimizer, lr: float, seed: int, world: int = 1, all_reduce=None) -> dict:
+            optimizer, lr: float, seed: int, world: int = 1, all_reduce=None, scorer=None) -> dict:
     """One GRPO step (DeepSeekMath Algorithm 1, inner loop) on this rank's share of prompts.
 
     draw_prompts(n) -> this rank's next n sample dicts. Sampling, scoring and advantages are local
     (whole groups live on one rank); `policy_update` then sums token and sequence counts over ranks
     with `all_reduce`, so the update equals the single-process update on the same global batch.
+    scorer(texts, samples, G) -> (rewards (P, G), {component: mean}) replaces the rule rewards
+    (`score_rollout` with `weights`), e.g. for R1 stage 4's reward-model reward on general prompts;
+    its components must have the same names on every rank (they are averaged over ranks).
     """
     t0 = time.perf_counter()
     batch, info = collect(policy, ref, tok, draw_prompts, cfg.prompts_per_step // world, cfg, lcfg,
-                          weights, seed)
+                          weights, seed, scorer)
     gen_time = time.perf_counter() - t0
     t1 = time.perf_counter()
     stats = policy_update(policy, batch, cfg, lcfg, optimizer, lr, world, all_reduce)
@@ -363,12 +366,12 @@ class Batch:
 
 
 def collect(policy, ref, tok, draw_prompts, n_prompts: int, cfg: GRPOConfig, lcfg: LossConfig,
-            weights: dict, seed: int) -> tuple[Batch, dict]:
+            weights: dict, seed: int, scorer=None) -> tuple[Batch, dict]:
     """Sample G completions for each of `n_prompts` prompts (this rank's P / world), score them, and compute advantages (and the
     old/ref logprobs the loss holds fixed). Returns the Batch and rollout statistics."""
     G, P = cfg.group_size, n_prompts
     samples = draw_prompts(P)
-    roll, rewards, comps = _sample_and_score(policy, tok, samples, cfg, lcfg, weights, seed)
+    roll, rewards, comps = _sample_and_score(policy, tok, samples, cfg, lcfg, weights, seed, scorer)
     n_drawn = P
     if lcfg.dynamic_sampling:  # DAPO section 3.2: replace groups whose rewards are all equal
         for rnd in range(cfg.max_refill):
@@ -377,7 +380,8 @@ def collect(policy, ref, tok, draw_prompts, n_prompts: int, cfg: GRPOConfig, lcf
                 break
             extra = draw_prompts(int((~keep).sum()))
             n_drawn += len(extra)
-            r2, rew2, _ = _sample_and_score(policy, tok, extra, cfg, lcfg, weights, seed + 7919 * (rnd + 1))
+            r2, rew2, _ = _sample_and_score(policy, tok, extra, cfg, lcfg, weights, seed + 7919 * (rnd + 1),
+                                            scorer)
             kept = keep.nonzero().flatten().tolist()
             roll = concat_groups([(roll, kept), (r2, list(range(len(extra))))], G, tok.pad_id)
             rewards = torch.cat([rewards[kept], rew2])                            # (P, G)
@@ -453,14 +457,17 @@ def _sum(x: float, all_reduce) -> float:
     return all_reduce(x) if all_reduce is not None else x
 
 
-def _sample_and_score(policy, tok, samples, cfg, lcfg, weights, seed):
+def _sample_and_score(policy, tok, samples, cfg, lcfg, weights, seed, scorer=None):
     prompts = [tok.encode(s["prompt"]) for s in samples]
     with gathered_weights(policy):
         roll = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         num_samples=cfg.group_size, eos_token_id=tok.eos_ids, seed=seed,
                         pad_token_id=tok.pad_id)
     texts = [tok.decode([t for t in toks if t not in tok.eos_ids]) for toks in roll.tokens]
-    rewards, comps = score_rollout(texts, samples, cfg.group_size, weights)   # (P, G)
+    if scorer is None:
+        rewards, comps = score_rollout(texts, samples, cfg.group_size, weights)   # (P, G)
+    else:
+        rewards, comps = scorer(texts, samples, cfg.group_size)                   # (P, G)
     if lcfg.overlong_buffer_frac > 0:  # DAPO §3.4: soft penalty near the generation budget
         buf = max(1, int(lcfg.overlong_buffer_frac * cfg.max_new_tokens))
         pen = overlong_penalty(roll.lengths.float(), cfg.max_new_tokens, buf, lcfg.overlong_penalty)

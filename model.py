@@ -140,6 +140,10 @@ ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llam
 PRESETS: dict[str, dict] = {
     "toy": dict(model_type="qwen2", hidden_size=128, intermediate_size=384, num_layers=4,
                 num_heads=4, num_kv_heads=2, max_seq_len=256, rope_theta=10000.0),
+    # the distillation student (R1 section 2.4's smaller dense model): half the width and layers
+    # of "toy", the same head size, about 1/7 of its parameters
+    "toy-small": dict(model_type="qwen2", hidden_size=64, intermediate_size=192, num_layers=2,
+                      num_heads=2, num_kv_heads=1, max_seq_len=256, rope_theta=10000.0, qkv_bias=True),
     # for tests: the same family at a size where every stage runs in a second or two
     "micro": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=2, num_kv_heads=1, max_seq_len=256, qkv_bias=True),
