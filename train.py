@@ -352,11 +352,15 @@ def resolve_dtype(run: RunConfig, d: Dist) -> torch.dtype:
 
 def init_dir(run: RunConfig, stage: str, previous: str) -> Path:
     """--init if given, else the previous stage's model in this run directory."""
-    path = Path(run.init) if run.init else Path(run.out) / previous / "model"
+    return _model_dir(run.init, "--init", run, stage, previous, "checkpoint")
+
+
+def _model_dir(given: str, flag: str, run: RunConfig, stage: str, previous: str, what: str) -> Path:
+    path = Path(given) if given else Path(run.out) / previous / "model"
     if not (path / "config.json").is_file():
-        hint = (f"run --stage {previous} first, or pass --init DIR" if not run.init
+        hint = (f"run --stage {previous} first, or pass {flag} DIR" if not given
                 else "pass a directory holding config.json, *.safetensors and tokenizer.json")
-        raise UserError(f"stage {stage}: no checkpoint at {path}; {hint}")
+        raise UserError(f"stage {stage}: no {what} at {path}; {hint}")
     return path
 
 
@@ -707,12 +711,8 @@ def load_rm(run: RunConfig, d: Dist, stage: str):
 
 
 def teacher_dir(run: RunConfig, stage: str, previous: str) -> Path:
-    path = Path(run.teacher) if run.teacher else Path(run.out) / previous / "model"
-    if not (path / "config.json").is_file():
-        hint = (f"run --stage {previous} first, or pass --teacher DIR" if not run.teacher
-                else "pass a directory holding config.json, *.safetensors and tokenizer.json")
-        raise UserError(f"stage {stage}: no teacher checkpoint at {path}; {hint}")
-    return path
+    """--teacher if given, else the previous stage's model in this run directory."""
+    return _model_dir(run.teacher, "--teacher", run, stage, previous, "teacher checkpoint")
 
 
 def preference_data(run: RunConfig, task, n_train: int) -> tuple[list[dict], list[dict]]:
