@@ -283,14 +283,14 @@ def save_model(model, tok: Tokenizer, path: Path, d: Dist) -> None:
 
 
 def save_checkpoint(ckpt: Path, model, tok, optimizer, state: dict, d: Dist) -> None:
-    """Model + optimizer + trainer state, atomically: a crash mid-write keeps the previous one."""
+    """Model + optimizer + trainer state, atomically: a crash mid-write keeps the previous one.
+
+    Both state dicts are full and keyed by parameter name (not by index, not sharded), so a run
+    checkpointed on N ranks resumes on any number of ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     msd = full_state(model)
-    if _is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        osd = get_optimizer_state_dict(model, optimizer,
-                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        osd = optimizer.state_dict()
+    osd = get_optimizer_state_dict(model, optimizer,
+                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.main:
         tmp = ckpt.with_name(ckpt.name + f".tmp-{os.getpid()}")
         if tmp.exists():
@@ -306,16 +306,12 @@ def save_checkpoint(ckpt: Path, model, tok, optimizer, state: dict, d: Dist) -> 
 
 def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
     """Restore model and optimizer from save_checkpoint's file (every rank reads it)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
     blob = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-    if _is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, blob["model"], options=opts)
-        set_optimizer_state_dict(model, optimizer, blob["optimizer"], options=opts)
-    else:
-        model.load_state_dict(blob["model"], strict=False)
-        optimizer.load_state_dict(blob["optimizer"])
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, blob["model"], options=opts)
+    set_optimizer_state_dict(model, optimizer, blob["optimizer"], options=opts)
     return blob["state"]
 
 

@@ -298,3 +298,17 @@ def test_nan_loss_stops_without_overwriting(capsys, pretrained, tmp_path):
     err = _err(capsys)
     assert "non-finite" in err and "step" in err and "last good checkpoint" in err
     assert (out / "sft" / "model" / "model.safetensors").read_bytes() == before
+
+
+def test_checkpoint_from_one_process_resumes_on_two_ranks(pretrained, tmp_path):
+    """Checkpoints hold full, name-keyed model and optimizer state: any rank count can resume."""
+    out = tmp_path / "r"
+    (out / "pretrain").mkdir(parents=True)
+    os.symlink(pretrained / "pretrain" / "model", out / "pretrain" / "model")
+    assert run("--stage", "zero", "--out", str(out), "--steps", "2", "--ckpt_every", "2") == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(ROOT / "train.py"), "--stage", "zero", "--out", str(out), "--steps", "3", *TINY]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["step"] for r in metrics(out / "zero" / "metrics.jsonl")] == [0, 1, 2, 3]
