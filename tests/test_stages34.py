@@ -1,8 +1,8 @@
 """R1 stages 3 and 4 and distillation end to end at micro size: rm, rs, rl, distill, summary, all.
 
 A micro model trained for a few steps never writes a verified answer, so the tests that need
-verified samples replace the sampler (`train.generate`) or the filter (`train.collect_verified`)
-with canned responses; the stages around them run for real.
+verified samples replace the sampler (`generate`) or the filter (`collect_verified`), in train and in
+later_stages, with canned responses; the stages around them run for real.
 """
 import json
 import math
@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import later_stages
 import reward_model as rmod
 import tasks
 import train
@@ -121,7 +122,8 @@ def fake_sampler(out, monkeypatch):
                 toks.append(tok.encode(text) + ([tok.eos_id] if why == "eos" else []))
                 finish.append(why)
         return SimpleNamespace(tokens=toks, finish_reasons=finish)
-    monkeypatch.setattr(train, "generate", generate)
+    monkeypatch.setattr(train, "generate", generate)  # collect_verified
+    monkeypatch.setattr(later_stages, "generate", generate)  # best_general
 
 
 @pytest.mark.parametrize("frac", [0.75, 0.5])
@@ -131,7 +133,7 @@ def test_rs_keeps_verified_samples_at_the_ratio(out, tmp_path, fake_sampler, fra
     rows = jsonl(new / "rs" / "rs_data.jsonl")
     reasoning = [r for r in rows if r["source"] == "reasoning"]
     general = [r for r in rows if r["source"] == "general"]
-    stream = tasks.ToyArithmetic().train_samples(train.RS_SEED + 1)  # --seed 0; collect_verified adds 1
+    stream = tasks.ToyArithmetic().train_samples(later_stages.RS_SEED + 1)  # --seed 0; collect_verified adds 1
     prompts = {next(stream)["prompt"] for _ in range(8)}
     # one per prompt: the duplicate, the wrong answer, the other language and the cut-off are dropped
     assert len(reasoning) == len(prompts)
@@ -146,9 +148,9 @@ def test_rs_keeps_verified_samples_at_the_ratio(out, tmp_path, fake_sampler, fra
 
 
 def test_mix_at_ratio():
-    assert [len(x) for x in train.mix_at_ratio(list(range(100)), list(range(50)), 0.75)] == [100, 33]
-    assert [len(x) for x in train.mix_at_ratio(list(range(30)), list(range(5)), 0.75)] == [15, 5]
-    assert [len(x) for x in train.mix_at_ratio(list(range(30)), [], 1.0)] == [30, 0]
+    assert [len(x) for x in later_stages.mix_at_ratio(list(range(100)), list(range(50)), 0.75)] == [100, 33]
+    assert [len(x) for x in later_stages.mix_at_ratio(list(range(30)), list(range(5)), 0.75)] == [15, 5]
+    assert [len(x) for x in later_stages.mix_at_ratio(list(range(30)), [], 1.0)] == [30, 0]
 
 
 def test_rs_without_reward_model_says_what_to_do(out, tmp_path, capsys):
@@ -171,7 +173,7 @@ def test_mixed_scorer_routes_each_prompt_to_its_reward(out):
     rm, tok = rmod.load_reward_model(out / "rm" / "model")
     rm_score = lambda ps, ts: rmod.score_texts(rm, tok, ps, ts, 256).tolist()  # noqa: E731
     w = {"accuracy": 1.0, "format": 0.1, "language": 1.0}
-    rewards, comps = train.mixed_scorer(rm_score, w)(texts, [math_s, gen_s], 2)
+    rewards, comps = later_stages.mixed_scorer(rm_score, w)(texts, [math_s, gen_s], 2)
     assert rewards.shape == (2, 2)
     for i in range(2):  # the math prompt: rule rewards
         assert rewards[0, i].item() == pytest.approx(combine_rewards(texts[i], math_s["prompt"], math_s, w)[0])
@@ -184,7 +186,7 @@ def test_mixed_scorer_routes_each_prompt_to_its_reward(out):
 def test_rl_stage_mixes_general_and_reasoning_prompts(out, tmp_path, monkeypatch):
     new = fresh(out, tmp_path, "rs", "rm")
     seen = []
-    real = train.mixed_scorer
+    real = later_stages.mixed_scorer
 
     def spy(rm_score, weights):
         score = real(rm_score, weights)
@@ -193,7 +195,7 @@ def test_rl_stage_mixes_general_and_reasoning_prompts(out, tmp_path, monkeypatch
             seen.append([s["task"] for s in samples])
             return score(texts, samples, G)
         return wrapped
-    monkeypatch.setattr(train, "mixed_scorer", spy)
+    monkeypatch.setattr(later_stages, "mixed_scorer", spy)
     assert run("--stage", "rl", "--out", str(new), "--steps", "2", "--general_frac", "0.5") == 0
     assert seen == [["math", "math", "general", "general"]] * 2  # round(4 * 0.5) general a step
     rows = metrics(new / "rl" / "metrics.jsonl")
@@ -231,7 +233,7 @@ def _best_general(model, tok, rm, rm_tok, task, n, k, g, max_len, seed, d):
 
 
 def test_distill_compares_student_with_equal_time_grpo(out, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "collect_verified", _perfect_traces)
+    monkeypatch.setattr(later_stages, "collect_verified", _perfect_traces)
     new = fresh(out, tmp_path, "pretrain", "rl")
     assert run("--stage", "distill", "--out", str(new), "--steps", "3") == 0
     assert (new / "student_base" / "model" / "config.json").is_file()  # made by distill
@@ -247,12 +249,13 @@ def test_distill_compares_student_with_equal_time_grpo(out, tmp_path, monkeypatc
 
 
 def test_all_runs_every_stage_and_prints_one_table(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "collect_verified", _perfect_traces)
-    monkeypatch.setattr(train, "best_general", _best_general)
+    monkeypatch.setattr(train, "collect_verified", _perfect_traces)  # sft
+    monkeypatch.setattr(later_stages, "collect_verified", _perfect_traces)  # rs, distill
+    monkeypatch.setattr(later_stages, "best_general", _best_general)
     new = tmp_path / "all"
     assert run("--stage", "all", "--out", str(new), "--steps", "2") == 0
     rows = json.loads((new / "summary.json").read_text())
-    assert [r["stage"] for r in rows] == list(train.SUMMARY_STAGES)
+    assert [r["stage"] for r in rows] == list(later_stages.SUMMARY_STAGES)
     for r in rows:
         assert {"accuracy", "format", "language", "rm_score", "response_length"} <= set(r)
         assert math.isfinite(r["rm_score"])
