@@ -381,13 +381,19 @@ def check_finite(value: float, what: str, step: int, ckpt: Path) -> None:
                         f"good checkpoint is {ckpt} -- lower the learning rate or check the data")
 
 
+def _fmt(v) -> str:
+    """4 significant digits for rates and losses, whole numbers for throughputs."""
+    if not isinstance(v, float):
+        return str(v)
+    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+
 def progress(stage: str, step: int, total: int, t0: float, row: dict, keys: list[str], d: Dist) -> None:
     if not d.main:
         return
     el = time.perf_counter() - t0
     left = el / max(step, 1) * (total - step)
-    parts = [f"{k} {row[k]:.4g}" if isinstance(row.get(k), float) else f"{k} {row.get(k)}"
-             for k in keys if k in row]
+    parts = [f"{k} {_fmt(row[k])}" for k in keys if k in row]
     print(f"[{stage}] step {step}/{total}  " + "  ".join(parts) + f"  ({el:.0f}s, {left:.0f}s left)",
           flush=True)
 
