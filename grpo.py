@@ -34,7 +34,6 @@ Departures and choices:
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, fields, replace
 
@@ -42,6 +41,7 @@ import torch
 
 from rewards import combine_rewards
 from rollout import Rollout, gathered_weights, generate, token_logprobs
+from sft import clip_and_step
 
 ADV_SCALES = ("std", "none")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -437,12 +437,7 @@ def policy_update(policy, b: Batch, cfg: GRPOConfig, lcfg: LossConfig, optimizer
                 n_tok += st["num_tokens"]
                 for k, v in st.items():  # shares add up; means are weighted by their token counts
                     acc[k] = acc.get(k, 0.0) + (v if k in _SHARES else v * st["num_tokens"])
-            gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-            grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-            if not math.isfinite(grad_norm):
-                raise FloatingPointError(f"gradient norm is {grad_norm}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = clip_and_step(policy, optimizer, cfg.max_grad_norm)
     steps = cfg.mu * cfg.minibatches
     out = {k: (v / steps if k in _SHARES else v / max(n_tok, 1.0))
            for k, v in acc.items() if k not in ("num_tokens", "num_seqs")}

@@ -36,7 +36,6 @@ Departures from InstructGPT:
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import Transformer, replace_dir
+from sft import clip_and_step
 from tokenizer import Tokenizer
 
 RM_MARKER = "reward_model.json"
@@ -182,13 +182,7 @@ def rm_step(rm: RewardModel, optimizer, pairs_batch: list[dict], tok: Tokenizer,
         margin_sum += (chosen - rejected).sum().item()
     if all_reduce is not None:
         loss_sum, correct, margin_sum = all_reduce(loss_sum), all_reduce(correct), all_reduce(margin_sum)
-    gn = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.max_grad_norm)
-    grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)  # DTensor under FSDP
-    if not math.isfinite(grad_norm) or not math.isfinite(loss_sum):
-        optimizer.zero_grad(set_to_none=True)  # never step on a non-finite gradient
-        raise FloatingPointError(f"loss {loss_sum}, gradient norm {grad_norm}")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = clip_and_step(rm, optimizer, cfg.max_grad_norm, loss_sum)
     return {"loss": loss_sum, "accuracy": correct / total, "margin": margin_sum / total,
             "grad_norm": grad_norm, "lr": lr, "pairs": total}
 

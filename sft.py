@@ -126,14 +126,21 @@ def sft_step(model, optimizer, batch: list, pad_id: int, cfg: SFTConfig, lr: flo
         loss_sum += loss.item() / world
     if all_reduce is not None:
         loss_sum = all_reduce(loss_sum)
-    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    grad_norm = clip_and_step(model, optimizer, cfg.max_grad_norm, loss_sum)
+    return {"loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "tokens": total}
+
+
+def clip_and_step(model, optimizer, max_grad_norm: float, loss: float = 0.0) -> float:
+    """Clip the global gradient norm and take the optimizer step; on a non-finite loss or norm,
+    drop the gradient and raise FloatingPointError instead (train.py stops without saving)."""
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)  # DTensor under FSDP
-    if not math.isfinite(grad_norm) or not math.isfinite(loss_sum):
+    if not math.isfinite(grad_norm) or not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)  # never step on a non-finite gradient
-        raise FloatingPointError(f"loss {loss_sum}, gradient norm {grad_norm}")
+        raise FloatingPointError(f"loss {loss}, gradient norm {grad_norm}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "tokens": total}
+    return grad_norm
 
 
 def _device(model) -> torch.device:

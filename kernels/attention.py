@@ -446,7 +446,7 @@ def _decode_attention(q, k, v, kv_start):
 
 def _sdpa(q, k, v, causal, kv_start):
     """torch SDPA with the same semantics: bottom-right causal, kv_start padding, empty rows -> 0."""
-    (B, H, Tq, D), Tk = q.shape, k.shape[2]
+    B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
     if Tq == 1 and not torch.is_grad_enabled():
         return _decode_attention(q, k, v, kv_start)
     if kv_start is None and (not causal or Tq == Tk or Tq == 1):  # SDPA's is_causal is top-left aligned

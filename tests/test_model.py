@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from model import KVCache, ModelConfig, Transformer, preset
+from model import ModelConfig, Transformer, preset
 
 transformers = pytest.importorskip("transformers")
 

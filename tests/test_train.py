@@ -107,7 +107,6 @@ def test_sft_stage_samples_from_zero_model(pretrained, tmp_path):
     jl = out / "sft" / "cold_start.jsonl"
     assert jl.is_file()
     from rewards import accuracy_reward, format_reward
-    import tasks
     for r in (json.loads(x) for x in jl.read_text().splitlines() if x.strip()):
         assert format_reward(r["response"]) == 1.0
         q = r["prompt"].split(": ", 1)[1].rsplit(" ", 1)[0]
