@@ -177,6 +177,24 @@ _PRUNE = {"early_config_prune": _prune}
 # ----------------------------------------------------------------------------- forward
 
 
+@triton.jit
+def _query_block_keys(KV_START, off_b, start_m, Tq, Tk, CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Which key blocks the query rows [start_m, start_m + BLOCK_M) visit, shared by the forward and
+    the dQ kernel: [lo, full_lo) and [full_hi, hi) need masks, [full_lo, full_hi) every row sees whole."""
+    diag = Tk - Tq  # bottom-right causal: row i sees keys j <= i + diag
+    if HAS_KV_START:
+        kv_lo = tl.maximum(tl.load(KV_START + off_b), 0).to(tl.int32)
+    else:
+        kv_lo = tl.full([], 0, tl.int32)  # a tensor either way: a jit function returns one type
+    hi = tl.minimum(Tk, start_m + BLOCK_M + diag) if CAUSAL else Tk
+    lo = (kv_lo // BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(tl.cdiv(kv_lo, BLOCK_N) * BLOCK_N, hi)
+    full_hi = (tl.minimum(Tk, start_m + diag + 1) if CAUSAL else Tk) // BLOCK_N * BLOCK_N
+    full_hi = tl.maximum(full_hi, full_lo)
+    return diag, kv_lo, lo, full_lo, full_hi, hi
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, KV_START,
@@ -205,15 +223,8 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # (BLOCK_M,) running sum of exp2(s - m)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # (BLOCK_M, D)
 
-    diag = Tk - Tq  # bottom-right causal: row i sees keys j <= i + diag
-    kv_lo = tl.maximum(tl.load(KV_START + off_b), 0).to(tl.int32) if HAS_KV_START else 0
-    # key blocks this query block can see: [lo, hi)
-    hi = tl.minimum(Tk, start_m + BLOCK_M + diag) if CAUSAL else Tk
-    lo = (kv_lo // BLOCK_N) * BLOCK_N
-    # blocks every row sees in full need no mask: [full_lo, full_hi)
-    full_lo = tl.minimum(tl.cdiv(kv_lo, BLOCK_N) * BLOCK_N, hi)
-    full_hi = (tl.minimum(Tk, start_m + diag + 1) if CAUSAL else Tk) // BLOCK_N * BLOCK_N
-    full_hi = tl.maximum(full_hi, full_lo)
+    diag, kv_lo, lo, full_lo, full_hi, hi = _query_block_keys(KV_START, off_b, start_m, Tq, Tk, CAUSAL,
+                                                              HAS_KV_START, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
                                offs_m, offs_d, lo, full_lo, Tk, kv_lo, diag, qk_scale,
                                True, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION)
@@ -337,13 +348,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KV_START,
     delta = tl.load(DELTA + off_bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)  # (BLOCK_M,)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # (BLOCK_M, D)
 
-    diag = Tk - Tq  # same block classification as _attn_fwd
-    kv_lo = tl.maximum(tl.load(KV_START + off_b), 0).to(tl.int32) if HAS_KV_START else 0
-    hi = tl.minimum(Tk, start_m + BLOCK_M + diag) if CAUSAL else Tk
-    lo = (kv_lo // BLOCK_N) * BLOCK_N
-    full_lo = tl.minimum(tl.cdiv(kv_lo, BLOCK_N) * BLOCK_N, hi)
-    full_hi = (tl.minimum(Tk, start_m + diag + 1) if CAUSAL else Tk) // BLOCK_N * BLOCK_N
-    full_hi = tl.maximum(full_hi, full_lo)
+    diag, kv_lo, lo, full_lo, full_hi, hi = _query_block_keys(KV_START, off_b, start_m, Tq, Tk, CAUSAL,
+                                                              HAS_KV_START, BLOCK_M, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
                        offs_m, offs_d, lo, full_lo, Tk, kv_lo, diag, qk_scale,
                        True, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION)
