@@ -13,22 +13,13 @@ Stages (DeepSeek-R1 report, Guo et al. 2025):
               samples, SFT the *base* model on them
     grpo      stage 2, reasoning RL (2.3.2): GRPO on the cold-started model, accuracy + format
               + language-consistency rewards
-    rm        reward model for stage 4's general prompts: the base model with a scalar head,
-              Bradley-Terry loss on {prompt, chosen, rejected} pairs (--data FILE, else the toy's)
-    rs        stage 3, rejection sampling (2.3.3): k samples per prompt from the stage-2 model;
-              verified reasoning samples plus the reward model's best general answers, mixed
-              3:1, then SFT of the base model on them (needs rm: `all` runs rm before rs)
-    rl        stage 4, RL for all scenarios (2.3.4): GRPO on the rs model over reasoning prompts
-              (rule rewards) and general prompts (reward-model score), routed by sample["task"]
-    distill   distillation (2.4): SFT of a smaller student (--student_model) on the RL model's
-              verified traces, compared with R1-Zero-style GRPO on the same student base for
-              the same wall time
+    rm, rs, rl, distill, summary
+              R1 stages 3-4 and distillation: the reward model, rejection sampling, RL for all
+              scenarios, distillation vs RL on a small student, one table; see later_stages.py
     eval      held-out accuracy, format rate, language consistency, response length (greedy;
               pass@k and maj@k with --k)
-    summary   one table over every stage's model in <out>: accuracy, format, language, RM score,
-              length (<out>/summary.json)
     plot      PNGs of accuracy and response length against RL step for one or more runs
-    all       pretrain, zero, sft, grpo, rm, rs, rl, distill, summary (17 minutes, --threads 1)
+    all       pretrain, zero, sft, grpo, rm, rs, rl, distill, summary (11 minutes on 2 cores)
 
 Every stage writes <out>/<stage>/model (an HF-layout checkpoint with its tokenizer),
 <out>/<stage>/metrics.jsonl and <out>/<stage>/run_config.json (the fully resolved config).
@@ -42,8 +33,7 @@ so the reward model's RMConfig is built from RunConfig's own rm_* flags (--rm_st
 --rm_batch_size) and a multi-stage run can give it its own values. --data is read by sft
 ({prompt, response} lines) and by rm ({prompt, chosen, rejected} lines): run those separately.
 Stage step counts for the toy: PRETRAIN/COLD_START/RS/DISTILL_DEFAULTS and RL_DEFAULTS below.
-Measured on the 2-core CI machine, --threads 1, `all` took 17.0 minutes: pretrain 5.5, zero 3.8,
-sft 0.6, grpo 3.6, then rm 0.5, rs 0.4, rl 1.2, distill 1.3 (student base 0.8), summary 0.1.
+Measured on the 2-core CI machine: `all` took 11 min 3 s (17 min with --threads 1 and other jobs running).
 Distributed code lives here only: `init_distributed` and `shard`.
 """
 from __future__ import annotations
