@@ -40,7 +40,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from rewards import combine_rewards
-from rollout import Rollout, gathered_weights, generate, token_logprobs
+from rollout import concat_groups, gathered_weights, generate, token_logprobs
 from sft import clip_and_step
 
 ADV_SCALES = ("std", "none")
@@ -469,36 +469,3 @@ def _sample_and_score(policy, tok, samples, cfg, lcfg, weights, seed, scorer=Non
         rewards = rewards + pen.view_as(rewards)
         comps["overlong"] = float(pen.mean())
     return roll, rewards, comps
-
-
-def concat_groups(parts: list[tuple[Rollout, list[int]]], G: int, pad_id: int) -> Rollout:
-    """One Rollout from whole groups of several (dynamic sampling keeps some groups, adds refills).
-
-    parts: (rollout, indices of the prompts/groups to keep). The padded tensors are rebuilt from
-    the token lists in the layout rollout.generate produces: left-padded prompts, then completions.
-    """
-    prompts, tokens, logprobs, finish = [], [], [], []
-    for roll, keep in parts:
-        Tp = roll.prompt_len
-        for p in keep:
-            for r in range(p * G, (p + 1) * G):
-                prompts.append(roll.input_ids[r, int(roll.kv_start[r]):Tp].tolist())
-                tokens.append(roll.tokens[r])
-                logprobs.append(roll.logprobs[r])
-                finish.append(roll.finish_reasons[r])
-    N = len(tokens)
-    Tp, Tc = max(map(len, prompts)), max(1, max(map(len, tokens)))
-    ids = torch.full((N, Tp + Tc), pad_id, dtype=torch.long)          # (N, Tp + Tc)
-    mask = torch.zeros(N, Tp + Tc)                                     # (N, Tp + Tc)
-    old = torch.zeros(N, Tp + Tc)                                      # (N, Tp + Tc)
-    start = torch.tensor([Tp - len(p) for p in prompts])               # (N,)
-    for i, (p, t, lp) in enumerate(zip(prompts, tokens, logprobs)):
-        ids[i, Tp - len(p):Tp] = torch.tensor(p, dtype=torch.long)
-        ids[i, Tp:Tp + len(t)] = torch.tensor(t, dtype=torch.long)
-        mask[i, Tp:Tp + len(t)] = 1.0
-        old[i, Tp:Tp + len(t)] = torch.tensor(lp)
-    device = parts[0][0].input_ids.device
-    return Rollout(tokens=tokens, logprobs=logprobs, finish_reasons=finish, input_ids=ids.to(device),
-                   kv_start=start.to(device), completion_mask=mask.to(device), old_logprobs=old.to(device),
-                   prompt_index=torch.arange(N // G).repeat_interleave(G).to(device),
-                   lengths=torch.tensor([len(t) for t in tokens]).to(device), prompt_len=Tp)

@@ -351,6 +351,30 @@ def _pack(prompt_ids, start, expand, out_tokens, out_logprobs, lengths, finish, 
         old_logprobs=old_logprobs, prompt_index=expand, lengths=lengths, prompt_len=Tp)
 
 
+def concat_groups(parts: list[tuple[Rollout, list[int]]], G: int, pad_id: int) -> Rollout:
+    """Whole groups of several rollouts as one, in generate()'s layout. parts: (rollout, indices of
+    the prompts whose G samples to keep); DAPO's dynamic sampling keeps some groups, adds refills."""
+    prompts, rows = [], []
+    for roll, keep in parts:
+        for p in keep:
+            r0 = p * G
+            prompts.append(roll.input_ids[r0, int(roll.kv_start[r0]):roll.prompt_len].tolist())
+            rows += [(roll, r) for r in range(r0, r0 + G)]
+    device = parts[0][0].input_ids.device
+    prompt_ids, start = _left_pad(prompts, pad_id, device)                      # (P, Tp), (P,)
+    lengths = torch.tensor([len(roll.tokens[r]) for roll, r in rows], device=device)  # (N,)
+    Tc = max(1, int(lengths.max()))
+    out_tokens = torch.full((len(rows), Tc), pad_id, dtype=torch.long, device=device)  # (N, Tc)
+    out_logprobs = torch.zeros(len(rows), Tc, device=device)                            # (N, Tc)
+    for i, (roll, r) in enumerate(rows):
+        n = len(roll.tokens[r])
+        out_tokens[i, :n] = torch.tensor(roll.tokens[r], dtype=torch.long)
+        out_logprobs[i, :n] = torch.tensor(roll.logprobs[r])
+    finish = torch.tensor([FINISH_REASONS.index(roll.finish_reasons[r]) for roll, r in rows], device=device)
+    expand = torch.arange(len(prompts), device=device).repeat_interleave(G)        # (N,)
+    return _pack(prompt_ids, start, expand, out_tokens, out_logprobs, lengths, finish, pad_id)
+
+
 def generate_naive(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                    top_p: float = 1.0, top_k: int = 0, num_samples: int = 1, eos_token_id=None,
                    seed: int | None = None, pad_token_id: int = 0) -> Rollout:

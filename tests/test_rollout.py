@@ -302,3 +302,19 @@ def test_bench_rollout_smoke(capsys):
     bench.main(["rollout", "--prompts", "2", "--samples", "2", "--new-tokens", "3", "--repeats", "1", "--no-naive"])
     out = capsys.readouterr().out
     assert "transformers generate" in out and "batch scaling" in out and "machine:" in out
+
+
+def test_concat_groups_keeps_the_layout_generate_returns():
+    """Dynamic sampling's regrouping (rollout.concat_groups) rebuilds exactly generate()'s tensors."""
+    from rollout import concat_groups
+    torch.manual_seed(3)
+    m = Transformer(preset("toy", vocab_size=50, num_layers=2)).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11]]
+    roll = generate(m, prompts, 6, num_samples=2, eos_token_id=7, seed=0)
+    same = concat_groups([(roll, [0, 1, 2, 3])], 2, 0)
+    for name in ("input_ids", "kv_start", "completion_mask", "old_logprobs", "prompt_index", "lengths"):
+        assert torch.equal(getattr(same, name), getattr(roll, name)), name
+    assert same.tokens == roll.tokens and same.finish_reasons == roll.finish_reasons
+    part = concat_groups([(roll, [2]), (roll, [0])], 2, 0)
+    assert part.tokens == roll.tokens[4:6] + roll.tokens[0:2]
+    assert part.input_ids[0, part.kv_start[0]:part.prompt_len].tolist() == prompts[2]
