@@ -7,9 +7,12 @@ with rotary position embeddings (Su et al. 2021) -> RMSNorm -> SwiGLU MLP (Shaze
     Qwen3         : no bias; RMSNorm on each query and key head before RoPE; explicit head_dim.
     Llama-3       : no bias; `rope_scaling` of type "llama3" stretches the low rotary frequencies.
 Attention runs through `kernels.attention` (our Triton FlashAttention-2 kernel on CUDA, torch's
-SDPA elsewhere). Checkpoints are read and written in the Hugging Face layout (config.json,
-*.safetensors, optional model.safetensors.index.json), with the same tensor names, so the
+SDPA elsewhere), or `kernels.prefix_attention` when the KV cache shares a prompt among rows.
+Checkpoints are read and written in the Hugging Face layout (config.json, *.safetensors, optional
+model.safetensors.index.json) and the same tensor names, so the
 transformers library and other HF-layout tools load what we save and we load what they save.
+The one renaming: q/k/v and gate/up projections are stored fused (`qkv_proj`, `gate_up_proj`, one
+matmul each instead of three and two; see `FUSED`) and split or stacked on save and load.
 
 Shape legend (used in every comment of this project):
     B batch, T time (tokens in this call), S cache slots (keys visible), H query heads,
@@ -36,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import attention
+from kernels import attention, prefix_attention
 
 # --- config -----------------------------------------------------------------------------------
 
@@ -196,16 +199,20 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape (B, 1, T, D) for integer positions (B, T); halves layout as in HF."""
+    """cos and signed sin, each (B, T, 1, D), for integer positions (B, T); HF's halves layout.
+    The sin carries the rotation's sign (-sin on the first half, +sin on the second), so
+    `apply_rope` needs no negation."""
     ang = positions.float()[..., None] * inv_freq.to(positions.device)  # (B, T, D/2)
-    ang = torch.cat([ang, ang], dim=-1)[:, None]                        # (B, 1, T, D)
-    return ang.cos().to(dtype), ang.sin().to(dtype)
+    cos, sin = ang.cos(), ang.sin()
+    cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (B, T, D)
+    return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+D/2}) by the position's angle. x (B, h, T, D)."""
-    x1, x2 = x.chunk(2, dim=-1)                          # (B, h, T, D/2) each
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # (B, h, T, D)
+    """Rotate pairs (x_i, x_{i+D/2}) by the position's angle. x (B, T, h, D), cos and sin (B, T, 1, D).
+    roll swaps the halves, [x1, x2] -> [x2, x1]; with the signed sin this is HF's
+    x * cos + rotate_half(x) * sin = [x1 cos - x2 sin, x2 cos + x1 sin]."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin  # (B, T, h, D)
 
 
 # --- layers -----------------------------------------------------------------------------------
@@ -217,10 +224,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32 whatever the activation dtype, then cast back (as the references do).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Normalise in fp32 whatever the activation dtype, then cast back before the weight (as the
+        # references do); F.rms_norm is x * rsqrt(mean(x^2) + eps) in one kernel.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class KVCache:
@@ -229,6 +235,11 @@ class KVCache:
     All rows share one write index `length` (slots filled so far); ragged prompts are left-padded
     and `start[b]` is the first real slot of row b, so row b's rotary position at slot s is
     s - start[b]. Buffers are (B, Hkv, max_len, D); a decode step writes one slot per row.
+
+    Shared prefix (`share_prefix`): slots [0, prefix_len) are stored once per group of G consecutive
+    rows, in `prefix_k`/`prefix_v` (P, Hkv, Tp, D) with their own left pads `prefix_start` (P,);
+    `k`/`v` (B, Hkv, max_len - Tp, D) then hold only each row's later slots, and attention reads
+    both through `kernels.prefix_attention`.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32,
@@ -240,39 +251,67 @@ class KVCache:
         self.length = 0
         self.start = (torch.zeros(batch_size, dtype=torch.long, device=device) if start is None
                       else start.to(device=device, dtype=torch.long))  # (B,)
+        self.prefix_k = self.prefix_v = self.prefix_start = None     # set by share_prefix
+        self.prefix_len, self.group = 0, 1
 
     @property
     def batch_size(self) -> int:
         return self.start.shape[0]
 
-    def select(self, index: torch.Tensor) -> "KVCache":
-        """A new cache holding rows `index` (B',) of this one: share one prefill across samples."""
+    def share_prefix(self, group: int) -> "KVCache":
+        """A cache for B * group rows whose filled slots are this cache's B rows, stored once: row i
+        continues row i // group. GRPO's G samples of one prompt read the prompt's keys from one copy."""
+        if self.prefix_k is not None:
+            raise ValueError("share_prefix: this cache already shares a prefix")
+        Tp = self.length
         out = object.__new__(KVCache)
-        out.k = [k.index_select(0, index) for k in self.k]  # (B', Hkv, S, D)
-        out.v = [v.index_select(0, index) for v in self.v]
+        out.prefix_k = [k[:, :, :Tp].contiguous() for k in self.k]  # (P, Hkv, Tp, D)
+        out.prefix_v = [v[:, :, :Tp].contiguous() for v in self.v]
+        out.prefix_start, out.prefix_len, out.group = self.start, Tp, group
+        B, Hkv, S, D = self.k[0].shape
+        out.k = [self.k[0].new_zeros(B * group, Hkv, S - Tp, D) for _ in self.k]  # (B * group, Hkv, S - Tp, D)
+        out.v = [self.v[0].new_zeros(B * group, Hkv, S - Tp, D) for _ in self.v]
+        out.max_len, out.length, out.start = self.max_len, Tp, self.start.repeat_interleave(group)
+        return out
+
+    def select(self, index: torch.Tensor) -> "KVCache":
+        """A new cache holding rows `index` (B',) of this one, as a plain cache (a shared prefix is
+        copied into each selected row, so any subset of rows works)."""
+        out = object.__new__(KVCache)
+        if self.prefix_k is None:
+            out.k = [k.index_select(0, index) for k in self.k]  # (B', Hkv, S, D)
+            out.v = [v.index_select(0, index) for v in self.v]
+        else:
+            rows = index // self.group                          # (B',) prefix row of each selected row
+            out.k = [torch.cat([pk.index_select(0, rows), k.index_select(0, index)], 2)
+                     for pk, k in zip(self.prefix_k, self.k)]   # (B', Hkv, S, D)
+            out.v = [torch.cat([pv.index_select(0, rows), v.index_select(0, index)], 2)
+                     for pv, v in zip(self.prefix_v, self.v)]
         out.max_len, out.length, out.start = self.max_len, self.length, self.start.index_select(0, index)
+        out.prefix_k = out.prefix_v = out.prefix_start = None
+        out.prefix_len, out.group = 0, 1
         return out
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, Hkv, T, D) at slots [length, length+T); return the filled (B, Hkv, S, D) views."""
+        """Write k, v (B, Hkv, T, D) at slots [length, length+T); return the filled (B, Hkv, S, D)
+        views (with a shared prefix: the rows' own slots only, S = length + T - prefix_len)."""
         T = k.shape[2]
         if self.length + T > self.max_len:
             raise ValueError(f"KV cache overflow: {self.length}+{T} slots > max_len={self.max_len}")
-        self.k[layer][:, :, self.length:self.length + T] = k
-        self.v[layer][:, :, self.length:self.length + T] = v
-        S = self.length + T
-        return self.k[layer][:, :, :S], self.v[layer][:, :, :S]  # (B, Hkv, S, D)
+        at = self.length - self.prefix_len
+        self.k[layer][:, :, at:at + T] = k
+        self.v[layer][:, :, at:at + T] = v
+        return self.k[layer][:, :, :at + T], self.v[layer][:, :, :at + T]  # (B, Hkv, S, D)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.H, self.Hkv, self.D = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        C = cfg.hidden_size
-        self.q_proj = nn.Linear(C, self.H * self.D, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(C, self.Hkv * self.D, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(C, self.Hkv * self.D, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.H * self.D, C, bias=False)
+        # q, k and v projections as one matmul: the rows of qkv_proj are [q_proj; k_proj; v_proj]
+        # (see FUSED). One (B*T, C) x (C, (H + 2Hkv) D) product instead of three small ones.
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.H * self.D, cfg.hidden_size, bias=False)
         if cfg.qk_norm:  # Qwen3: normalise each head's q and k before the rotation
             self.q_norm = RMSNorm(self.D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.D, cfg.rms_norm_eps)
@@ -281,32 +320,37 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_start, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.H, self.D)    # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, self.Hkv, self.D)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(B, T, self.Hkv, self.D)  # (B, T, Hkv, D)
+        H, Hkv = self.H, self.Hkv
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.D)  # (B, T, H + 2Hkv, D)
+        qk, v = qkv.split([H + Hkv, Hkv], dim=2)               # (B, T, H + Hkv, D), (B, T, Hkv, D)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)      # (B, H, T, D)
-        k = apply_rope(k.transpose(1, 2), cos, sin)      # (B, Hkv, T, D)
-        v = v.transpose(1, 2)                            # (B, Hkv, T, D)
+            qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
+        qk = apply_rope(qk, cos, sin).transpose(1, 2)           # (B, H + Hkv, T, D): one rotation for q and k
+        q, k = qk.split([H, Hkv], dim=1)                        # (B, H, T, D), (B, Hkv, T, D)
+        v = v.transpose(1, 2)                                   # (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)        # (B, Hkv, S, D), S = cached + T
-        y = attention(q, k, v, causal=True, kv_start=kv_start)  # (B, H, T, D)
+        if cache is not None and cache.prefix_k is not None:  # G rows read each cached prompt once
+            y = prefix_attention(q, cache.prefix_k[self.layer], cache.prefix_v[self.layer],
+                                 cache.prefix_start, k, v)        # (B, H, 1, D)
+        else:
+            y = attention(q, k, v, causal=True, kv_start=kv_start)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.H * self.D)    # (B, T, H*D)
         return self.o_proj(y)                            # (B, T, C)
 
 
 class MLP(nn.Module):
-    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x)). gate and up are one matmul: the rows of
+    gate_up_proj are [gate_proj; up_proj] (see FUSED)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
+        return self.down_proj(F.silu(gate) * up)          # (B, T, C)
 
 
 class Block(nn.Module):
@@ -325,8 +369,8 @@ class Block(nn.Module):
 # --- the model --------------------------------------------------------------------------------
 
 class Transformer(nn.Module):
-    """Module names follow the HF checkpoints (without the leading "model."), so a state dict
-    maps onto a checkpoint by adding or stripping that prefix."""
+    """Module names follow the HF checkpoints (without the leading "model."), except the fused
+    projections; `hf_parts` maps each state-dict tensor onto the checkpoint's."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -373,7 +417,7 @@ class Transformer(nn.Module):
         slots = torch.arange(offset, offset + T, device=input_ids.device)[None]  # (1, T)
         positions = slots if kv_start is None else (slots - kv_start[:, None]).clamp(min=0)  # (B or 1, T)
         x = self.embed_tokens(input_ids)                                        # (B, T, C)
-        cos, sin = rope_cos_sin(self.inv_freq, positions.expand(B, T), x.dtype)  # (B, 1, T, D)
+        cos, sin = rope_cos_sin(self.inv_freq, positions.expand(B, T), x.dtype)  # (B, T, 1, D)
         for block in self.layers:
             x = block(x, cos, sin, kv_start, cache)                             # (B, T, C)
         if cache is not None:
@@ -403,17 +447,21 @@ class Transformer(nn.Module):
         state = {}
         expected = {k: v for k, v in model.state_dict().items()}
         for name, ref in expected.items():
-            hf = hf_name(name)
-            if hf not in tensors:
-                if name == "lm_head.weight" and cfg.tie_embeddings:
-                    continue
-                raise ValueError(f"{path}: tensor {hf} is missing from the checkpoint; "
-                                 f"is it a complete {cfg.model_type} checkpoint?")
-            t = tensors.pop(hf)
-            if tuple(t.shape) != tuple(ref.shape):
-                raise ValueError(f"{path}: tensor {hf} has shape {tuple(t.shape)}, config.json implies "
-                                 f"{tuple(ref.shape)}; config and weights disagree")
-            state[name] = t.to(dtype)
+            parts = hf_parts(name, cfg)  # [(HF tensor, rows)]: several for a fused projection
+            if name == "lm_head.weight" and cfg.tie_embeddings and parts[0][0] not in tensors:
+                continue
+            pieces = []
+            for hf, rows in parts:
+                if hf not in tensors:
+                    raise ValueError(f"{path}: tensor {hf} is missing from the checkpoint; "
+                                     f"is it a complete {cfg.model_type} checkpoint?")
+                t = tensors.pop(hf)
+                want = tuple(ref.shape) if rows is None else (rows, *ref.shape[1:])
+                if tuple(t.shape) != want:
+                    raise ValueError(f"{path}: tensor {hf} has shape {tuple(t.shape)}, config.json implies "
+                                     f"{want}; config and weights disagree")
+                pieces.append(t)
+            state[name] = torch.cat(pieces).to(dtype) if len(pieces) > 1 else pieces[0].to(dtype)
         tensors.pop("lm_head.weight", None)  # some tied checkpoints store the head anyway
         stray = [k for k in tensors if not k.endswith("rotary_emb.inv_freq")]
         if stray:
@@ -434,8 +482,13 @@ class Transformer(nn.Module):
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        state = {hf_name(k): v.detach().cpu().contiguous() for k, v in self.state_dict().items()
-                 if not (k == "lm_head.weight" and self.cfg.tie_embeddings)}
+        state = {}
+        for name, v in self.state_dict().items():
+            if name == "lm_head.weight" and self.cfg.tie_embeddings:
+                continue
+            parts = hf_parts(name, self.cfg)
+            chunks = v.detach().cpu().split([rows for _, rows in parts]) if len(parts) > 1 else [v.detach().cpu()]
+            state.update({hf: c.contiguous() for (hf, _), c in zip(parts, chunks)})
         dtype = next(iter(state.values())).dtype
         shards, cur, size = [], {}, 0
         for k, v in state.items():
@@ -468,9 +521,23 @@ class Transformer(nn.Module):
         replace_dir(tmp, path)
 
 
-def hf_name(name: str) -> str:
-    """Our state-dict name -> the HF checkpoint's tensor name."""
-    return name if name.startswith("lm_head.") else "model." + name
+# Fused projections and the HF tensors they stack along dim 0, in this order.
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def hf_parts(name: str, cfg: ModelConfig) -> list[tuple[str, int | None]]:
+    """Our state-dict name -> [(HF checkpoint tensor name, rows along dim 0)]. One entry with rows
+    None for a plain tensor; one entry per stacked HF tensor for a fused projection."""
+    prefix = "" if name.startswith("lm_head.") else "model."
+    for fused, parts in FUSED.items():
+        if f".{fused}." in name:
+            layer, kind = name.split(f".{fused}.")  # "layers.3", "weight" or "bias"
+            D, I = cfg.head_dim, cfg.intermediate_size
+            rows = ((cfg.num_heads * D, cfg.num_kv_heads * D, cfg.num_kv_heads * D) if fused.endswith("qkv_proj")
+                    else (I, I))
+            return [(f"{prefix}{layer}.{p}.{kind}", n) for p, n in zip(parts, rows)]
+    return [(prefix + name, None)]
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -299,6 +299,12 @@ def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
     blob = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    # strict=False below only tolerates a tied head; any other name mismatch means the checkpoint
+    # holds another model's layout, and loading it would silently keep freshly initialised weights
+    diff = (set(blob["model"]) ^ set(model.state_dict())) - {"lm_head.weight"}
+    if diff:
+        raise UserError(f"{ckpt} holds a different model layout (e.g. {sorted(diff)[0]}); "
+                        f"delete that ckpt directory to start the stage afresh")
     opts = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, blob["model"], options=opts)
     set_optimizer_state_dict(model, optimizer, blob["optimizer"], options=opts)

@@ -26,10 +26,17 @@ Departures from the paper and the tutorial
 
 Without a GPU the kernels run under Triton's interpreter (numpy), which is slow but exact enough for
 the tests in tests/test_kernels.py. `python -m kernels.attention` benchmarks against torch SDPA.
+
+Elsewhere (backend "torch", the default off CUDA) `attention` is torch SDPA with the same semantics;
+its mask is built once per forward, not once per layer (`_sdpa_mask`). `prefix_attention` is the
+decode step of rows sharing a cached prompt (a GRPO group): the prompt part and each row's own part
+are attended separately, with their log-sum-exp, from the Triton forward kernel on CUDA or torch's
+CPU flash op, and merged.
 """
 
 import math
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -436,33 +443,48 @@ def _check(q, k, v, kv_start):
         raise ValueError(f"kv_start must have shape ({B},), got {tuple(kv_start.shape)}")
 
 
-def _decode_attention(q, k, v, kv_start):
-    """One query row per sequence (a decode step): it sees every cached key but the left pads.
-    Grouped matmuls read each KV head once for its H/Hkv query heads; on CPU this is ~2x faster
-    than SDPA's flash kernel with a mask for Tq == 1 (measured in bench.py rollout)."""
-    (B, H, _, D), (Hkv, Tk) = q.shape, k.shape[1:3]
-    s = q.reshape(B, Hkv, H // Hkv, D) @ k.transpose(-1, -2) * (1.0 / math.sqrt(D))  # (B, Hkv, H/Hkv, Tk)
-    if kv_start is None:
-        return (s.softmax(-1) @ v).reshape(B, H, 1, D)                               # (B, H, 1, D)
-    pad = torch.arange(Tk, device=q.device) < kv_start[:, None]                      # (B, Tk)
-    has_key = (kv_start < Tk).view(B, 1, 1, 1)                                        # (B, 1, 1, 1)
-    s = s.masked_fill(pad.view(B, 1, 1, Tk) & has_key, float("-inf"))
-    return (s.softmax(-1) @ v).reshape(B, H, 1, D).masked_fill(~has_key, 0.0)        # (B, H, 1, D)
-
-
 def _sdpa(q, k, v, causal, kv_start):
     """torch SDPA with the same semantics: bottom-right causal, kv_start padding, empty rows -> 0."""
     B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
-    if Tq == 1 and not torch.is_grad_enabled():
-        return _decode_attention(q, k, v, kv_start)
     if kv_start is None and (not causal or Tq == Tk or Tq == 1):  # SDPA's is_causal is top-left aligned
         # so use it only where that agrees: Tq == Tk, or a decode row, which sees every key anyway
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq > 1, enable_gqa=True)
-    visible = _visible(B, Tq, Tk, causal, kv_start, q.device)  # (B, 1, Tq, Tk)
-    has_key = visible.any(-1, keepdim=True)  # (B, 1, Tq, 1)
-    # an all-False row gives NaN in SDPA; let it see everything, then zero its output (grads are 0 too)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~has_key, enable_gqa=True)
-    return out.masked_fill(~has_key, 0.0)  # (B, H, Tq, D)
+    mask, no_key = _sdpa_mask(B, Tq, Tk, causal, kv_start, q.device)  # (B, 1, Tq, Tk), (B, 1, Tq, 1) or None
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return out if no_key is None else out.masked_fill(no_key, 0.0)  # (B, H, Tq, D)
+
+
+_mask_memo: tuple = ()  # (weakref to kv_start, key, mask, no_key) of the last _sdpa_mask call
+
+
+def _sdpa_mask(B, Tq, Tk, causal, kv_start, device, dtype=torch.bool):
+    """SDPA's mask (B, 1, Tq, Tk) and no_key (B, 1, Tq, 1), True where a row sees no key. The mask is
+    boolean (True = visible), or additive (0 / -inf) in a float `dtype`.
+
+    An all-False row gives NaN in SDPA, so a row with no key sees everything here and `_sdpa` zeroes
+    its output (its gradients are 0 too). On CPU, no_key is None when every row has a key (checking
+    costs nothing there; on a GPU it would be a host sync, so the zeroing always runs).
+
+    Every layer of one forward passes the same kv_start tensor and shapes, so the last result is
+    reused: the mask is built once per forward, not once per layer (those few small ops per layer
+    were 10% of a CPU decode step). The memo checks the kv_start
+    object (weak reference) and its version counter, so a new or modified kv_start rebuilds it.
+    """
+    global _mask_memo
+    key = (B, Tq, Tk, causal, device, dtype,
+           None if kv_start is None or kv_start.is_inference() else kv_start._version)
+    if _mask_memo and key[-1] is not None and _mask_memo[0]() is kv_start and _mask_memo[1] == key:
+        return _mask_memo[2], _mask_memo[3]
+    visible = _visible(B, Tq, Tk, causal, kv_start, device)  # (B, 1, Tq, Tk)
+    no_key = ~visible.any(-1, keepdim=True)                   # (B, 1, Tq, 1)
+    mask = visible | no_key
+    if dtype != torch.bool:
+        mask = torch.zeros(mask.shape, device=device, dtype=dtype).masked_fill(~mask, -math.inf)
+    if no_key.device.type == "cpu" and not no_key.any():
+        no_key = None
+    if key[-1] is not None:
+        _mask_memo = (weakref.ref(kv_start), key, mask, no_key)
+    return mask, no_key
 
 
 def attention(q, k, v, causal=True, backend=None, kv_start=None):
@@ -491,6 +513,72 @@ def attention(q, k, v, causal=True, backend=None, kv_start=None):
     if q.shape[-1] > _MAX_HEAD_DIM:
         raise ValueError(f"triton attention supports head dim <= {_MAX_HEAD_DIM}, got {q.shape[-1]}")
     return _FlashAttention.apply(q, k, v, causal, kv_start)
+
+
+def prefix_attention(q, k_prefix, v_prefix, prefix_start, k, v, backend=None):
+    """One decode step of rows that share a cached prefix: G consecutive rows read one prompt's keys.
+
+    q (N, H, 1, D) with N = P * G, prompt-major (row b's prefix is prefix row b // G);
+    k_prefix, v_prefix (P, Hkv, Tp, D), prefix keys j < prefix_start[p] are left padding;
+    k, v (N, Hkv, Tk, D), each row's own keys after the prefix, all visible (Tk >= 1).
+    Returns (N, H, 1, D), equal to `attention` over each row's concatenated [prefix; own] keys.
+
+    Attention over a union of key sets is a weighted mix of the attention over each set, weighted by
+    their softmax mass: out = s * out_prefix + (1 - s) * out_own with s = sigmoid(lse_prefix -
+    lse_own), lse the log-sum-exp of each set's scores (the merge of FlashAttention's split-KV and
+    of Hydragen, Juravsky et al. 2024, arXiv:2402.05099). The prefix part stacks a group's G * H/Hkv
+    query rows on each kv head, so a prompt's keys are read once for its G samples instead of G times,
+    and no per-sample copy of the prompt's cache exists.
+    """
+    (N, H, Tq, D), (P, Hkv, Tp, _), Tk = q.shape, k_prefix.shape, k.shape[2]
+    if Tq != 1 or N % P or k.shape[0] != N or Tk < 1 or H % Hkv:
+        raise ValueError(f"prefix_attention decodes one token per row over a shared prefix; got q {tuple(q.shape)}, "
+                         f"k_prefix {tuple(k_prefix.shape)}, k {tuple(k.shape)}")
+    G, r = N // P, H // Hkv
+    rows = q.view(N, Hkv, r, D)                                               # (N, Hkv, r, D) r query rows per kv head
+    grouped = rows.view(P, G, Hkv, r, D).transpose(1, 2).reshape(P, Hkv, G * r, D)
+    out_p, lse_p = _attend_lse(grouped, k_prefix, v_prefix, prefix_start, backend)  # (P, Hkv, G r, D), (P, Hkv, G r)
+    out_o, lse_o = _attend_lse(rows, k, v, None, backend)                     # (N, Hkv, r, D), (N, Hkv, r)
+    out_p = out_p.view(P, Hkv, G, r, D).transpose(1, 2).reshape(N, Hkv, r, D)
+    lse_p = lse_p.view(P, Hkv, G, r).transpose(1, 2).reshape(N, Hkv, r)
+    share = torch.sigmoid(lse_p - lse_o)[..., None]                           # (N, Hkv, r, 1) mass on the prefix
+    return torch.lerp(out_o, out_p.to(out_o.dtype), share.to(out_o.dtype)).view(N, H, 1, D)
+
+
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attend_lse(q, k, v, kv_start, backend):
+    """Non-causal attention of M query rows per kv head, with its natural-log log-sum-exp; no autograd.
+    q (B, Hkv, M, D), k, v (B, Hkv, Tk, D) -> out (B, Hkv, M, D), lse (B, Hkv, M) float32.
+    A row that sees no key gets out 0 and lse -inf (zero weight in `prefix_attention`'s merge)."""
+    B, Hkv, M, D = q.shape
+    if kv_start is not None:
+        kv_start = kv_start.to(device=q.device, dtype=torch.int64).contiguous()
+    if backend is None:
+        backend = "triton" if q.is_cuda else "torch"
+    if backend == "triton":
+        o = torch.empty_like(q, memory_format=torch.contiguous_format)          # (B, Hkv, M, D)
+        lse = torch.empty((B, Hkv, M), device=q.device, dtype=torch.float32)  # log2 units, +inf if no key
+        kvs = kv_start if kv_start is not None else lse
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * Hkv)  # noqa: E731
+        _attn_fwd[grid](q, k, v, o, lse, kvs, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                        qk_scale=_LOG2E / math.sqrt(D), **_launch_args(q, k, kv_start, False))
+        return o, torch.where(torch.isinf(lse), -math.inf, lse / _LOG2E)
+    flash = _CPU_FLASH is not None and q.device.type == "cpu"  # it takes an additive mask of q's dtype
+    mask, no_key = (None, None) if kv_start is None else _sdpa_mask(
+        B, M, k.shape[2], False, kv_start, q.device, dtype=q.dtype if flash else torch.float32)
+    if flash:
+        out, lse = _CPU_FLASH(q, k, v, attn_mask=mask)[:2]                      # lse (B, Hkv, M)
+    else:  # explicit math: other devices, or a torch without the CPU flash op
+        s = (q @ k.transpose(-1, -2)).float() / math.sqrt(D)                   # (B, Hkv, M, Tk)
+        if mask is not None:
+            s = s + mask
+        lse = s.logsumexp(-1)
+        out = ((s - lse[..., None]).exp().to(v.dtype) @ v)
+    if no_key is not None:
+        out, lse = out.masked_fill(no_key, 0.0), lse.masked_fill(no_key[..., 0], -math.inf)
+    return out, lse.float()
 
 
 # ----------------------------------------------------------------------------- reference

@@ -212,3 +212,58 @@ def test_interpreter_uses_one_small_config():
     # the CPU tests rely on this to stay fast; on a GPU the autotuner has the full list
     if DEVICE == "cpu":
         assert len(attention_module._FWD_CONFIGS) == len(attention_module._BWD_CONFIGS) == 1
+
+
+# --- prefix_attention: one decode step over a prompt shared by G rows -----------------------------
+
+# name: (P, G, H, Hkv, Tp, Tk, D, prefix_start)
+PREFIX_CASES = {
+    "gqa_ragged": (2, 3, 4, 2, 7, 5, 16, [0, 3]),
+    "one_sample_one_own_key": (3, 1, 2, 1, 9, 1, 16, [8, 0, 2]),
+    "mha_d48_empty_prefix": (2, 2, 4, 4, 17, 4, 48, [0, 17]),  # prompt 1 has no visible prefix key
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "torch-math"])
+@pytest.mark.parametrize("case", list(PREFIX_CASES))
+def test_prefix_attention_matches_reference(case, backend, monkeypatch):
+    """Equal to attention over each row's materialised [prefix; own] keys, on every path: Triton, the
+    CPU flash op with its log-sum-exp, and the explicit math used where that op is missing."""
+    P, G, H, Hkv, Tp, Tk, D, start = PREFIX_CASES[case]
+    if backend == "torch-math":
+        monkeypatch.setattr(attention_module, "_CPU_FLASH", None)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(P * G, H, 1, D, generator=g).to(DEVICE)                       # (N, H, 1, D)
+    kp, vp = (torch.randn(P, Hkv, Tp, D, generator=g).to(DEVICE) for _ in range(2))  # (P, Hkv, Tp, D)
+    k, v = (torch.randn(P * G, Hkv, Tk, D, generator=g).to(DEVICE) for _ in range(2))  # (N, Hkv, Tk, D)
+    prefix_start = _kv_start(start)
+    out = attention_module.prefix_attention(q, kp, vp, prefix_start, k, v,
+                                            backend="triton" if backend == "triton" else "torch")
+    k_full = torch.cat([kp.repeat_interleave(G, 0), k], 2)                          # (N, Hkv, Tp + Tk, D)
+    v_full = torch.cat([vp.repeat_interleave(G, 0), v], 2)
+    want = attention_reference(q.double(), k_full.double(), v_full.double(), causal=True,
+                               kv_start=prefix_start.repeat_interleave(G))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, **FP32_TOL)
+
+
+def test_prefix_attention_errors():
+    q, kp, vp = torch.randn(4, 2, 2, 16), torch.randn(2, 1, 5, 16), torch.randn(2, 1, 5, 16)
+    k = v = torch.randn(4, 1, 3, 16)
+    with pytest.raises(ValueError, match="one token per row"):
+        attention_module.prefix_attention(q, kp, vp, None, k, v)  # Tq = 2
+
+
+def test_mask_memo_follows_kv_start():
+    """The torch path builds its mask once per kv_start tensor; a new tensor or an in-place change
+    must rebuild it, never reuse a stale mask."""
+    q, k, v, _ = _inputs(2, 4, 2, 1, 9, 16)
+    kv = torch.tensor([0, 3], device=DEVICE)
+    for change in (None, "inplace", "new"):
+        if change == "inplace":
+            kv[0] = 5
+        elif change == "new":
+            kv = torch.tensor([2, 8], device=DEVICE)
+        got = attention(q, k, v, backend="torch", kv_start=kv)
+        want = attention_reference(q.double(), k.double(), v.double(), kv_start=kv)
+        torch.testing.assert_close(got.double(), want, **FP32_TOL)

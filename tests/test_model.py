@@ -121,6 +121,33 @@ def test_cache_select_shares_prefill():
         m(torch.zeros(4, 11, dtype=torch.long), cache=big)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_shared_prefix_cache_equals_copied_rows(family):
+    """share_prefix (prompt slots stored once per group) decodes exactly like G real copies of the
+    prefill, on ragged prompts, also after select() turns it back into a plain cache of some rows."""
+    torch.manual_seed(3)
+    m = Transformer(preset("toy", vocab_size=50, num_layers=2, qk_norm=family == "qwen3",
+                           qkv_bias=family == "qwen2")).eval()
+    P, G = 2, 3
+    ids = torch.randint(0, 50, (P, 7))
+    start = torch.tensor([0, 4])
+    expand = torch.arange(P).repeat_interleave(G)
+    with torch.no_grad():
+        cache = m.new_cache(P, 16, start=start)
+        m(ids, cache=cache)
+        shared, copied = cache.share_prefix(G), cache.select(expand)
+        for _ in range(3):                               # decode steps on both
+            nxt = torch.randint(0, 50, (P * G, 1))
+            got, want = m(nxt, cache=shared), m(nxt, cache=copied)
+            assert (got - want).abs().max().item() < 1e-5
+        keep = torch.tensor([1, 2, 5])                   # compaction: a plain cache of 3 rows
+        shared, copied = shared.select(keep), copied.select(keep)
+        assert shared.prefix_k is None
+        nxt = torch.randint(0, 50, (3, 1))
+        assert (m(nxt, cache=shared) - m(nxt, cache=copied)).abs().max().item() < 1e-5
+    assert shared.length == copied.length == 11
+
+
 def test_presets_and_param_count():
     m = Transformer(preset("toy", vocab_size=64))
     assert 0.5e6 < m.num_params() < 1.5e6

@@ -148,7 +148,7 @@ def test_rm_step_is_micro_batch_and_rank_invariant(tok):
 def test_rm_step_refuses_non_finite_gradient(tok):
     rm = micro_rm(tok, head_std=0.5)
     with torch.no_grad():
-        rm.backbone.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+        rm.backbone.layers[0].mlp.gate_up_proj.weight[0, 0] = float("nan")
     before = {k: v.clone() for k, v in rm.state_dict().items()}
     with pytest.raises(FloatingPointError):
         _sgd_step(rm, _batch(4), tok, micro_batch=4)

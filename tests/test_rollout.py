@@ -48,7 +48,7 @@ def test_greedy_cache_equals_full_recompute(eos, monkeypatch):
     assert fast.finish_reasons == slow.finish_reasons
     if eos:  # rows end at steps 2, 2, 8 and never: the batch is compacted twice, 8 -> 4 -> 2 rows
         assert fast.finish_reasons[::2] == ["eos", "eos", "eos", "length"]
-        assert selects == [8, 4, 2]  # the first is sharing each prompt's prefill among its samples
+        assert selects == [4, 2]  # the first copies the shared prompt slots into the rows it keeps
     assert (fast.old_logprobs - slow.old_logprobs).abs().max().item() < 1e-5
 
 
@@ -148,6 +148,32 @@ def test_sampling_frequencies_match_the_distribution():
     freq = torch.bincount(tok, minlength=6).float() / len(tok)
     assert (freq - probs).abs().max().item() < 0.01
     assert torch.allclose(lp, probs.log()[tok], atol=1e-6)  # logprobs under the tempered distribution
+
+
+def one_level_inverse_cdf(weights, u01):
+    """The plain inverse CDF in float64: first token whose prefix sum exceeds u * total."""
+    cdf = weights.double().cumsum(-1)                                   # (B, V)
+    u = torch.minimum(u01 * cdf[:, -1:], torch.nextafter(cdf[:, -1:], torch.zeros(1, dtype=cdf.dtype)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+
+
+@pytest.mark.parametrize("V", [7, 128, 300, 2048, 2049])
+def test_two_level_inverse_cdf_equals_the_one_level_draw(V):
+    """Same uniforms, same tokens as one prefix sum over the whole vocabulary, for vocabularies
+    smaller than, equal to and not a multiple of the block; zero-weight tokens are never drawn."""
+    g = torch.Generator().manual_seed(V)
+    w = torch.rand(512, V, generator=g) ** 6                            # (B, V) a wide range of weights
+    w[:, ::3] = 0                                                       # zero-weight tokens
+    w[0] = 0
+    w[0, V - 1] = 1e-30                                                 # the only token is the last
+    w[1] = 0
+    w[1, 0] = 1.0                                                       # the only token is the first
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    tok = rollout._inverse_cdf(w, g1)                                   # (B,)
+    ref = one_level_inverse_cdf(w, torch.rand(512, 1, generator=g2, dtype=torch.float64))
+    assert torch.equal(tok, ref)
+    assert (w.gather(1, tok[:, None]) > 0).all()
+    assert tok[0] == V - 1 and tok[1] == 0
 
 
 @pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.6), (8, 0.5), (1, 1.0)])
@@ -285,7 +311,7 @@ def test_fsdp2_rollout_equals_unsharded_and_gathers_once(monkeypatch):
         lp = token_logprobs(m(got.input_ids, kv_start=got.kv_start), got.input_ids)
         assert (lp - got.old_logprobs).mul(got.completion_mask).abs().max().item() < 1e-4
         lp.sum().backward()
-        assert m.layers[0].mlp.up_proj.weight.grad is not None
+        assert m.layers[0].mlp.gate_up_proj.weight.grad is not None
         gathers.clear()
         with gathered_weights(m):  # as the trainer uses it: several rollouts under one gather
             assert not isinstance(m.lm_head.weight, DTensor)

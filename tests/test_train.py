@@ -311,3 +311,15 @@ def test_checkpoint_from_one_process_resumes_on_two_ranks(pretrained, tmp_path):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert [r["step"] for r in metrics(out / "zero" / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+def test_checkpoint_of_another_layout_is_refused(tmp_path):
+    """A ckpt whose tensor names differ from the model's (say, written before a layout change) gives
+    a one-line error instead of loading with the missing tensors left at their initial values."""
+    m = Transformer(preset("micro"))
+    opt = train.make_optimizer(m, 1e-3, 0.0)
+    state = {k.replace("qkv_proj", "q_proj"): v for k, v in m.state_dict().items()}
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"model": state, "optimizer": {}, "state": {}}, tmp_path / "ckpt" / "trainer_state.pt")
+    with pytest.raises(train.UserError, match="different model layout.*delete that ckpt"):
+        train.load_checkpoint(tmp_path / "ckpt", m, opt)
