@@ -467,8 +467,8 @@ def _sdpa_mask(B, Tq, Tk, causal, kv_start, device, dtype=torch.bool):
 
     Every layer of one forward passes the same kv_start tensor and shapes, so the last result is
     reused: the mask is built once per forward, not once per layer (those few small ops per layer
-    were 10% of a CPU decode step). The memo checks the kv_start
-    object (weak reference) and its version counter, so a new or modified kv_start rebuilds it.
+    were 10% of a CPU decode step). The memo checks the kv_start object (weak reference) and its
+    version counter, so a new or modified kv_start rebuilds it.
     """
     global _mask_memo
     key = (B, Tq, Tk, causal, device, dtype,
@@ -550,6 +550,8 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 def _attend_lse(q, k, v, kv_start, backend):
     """Non-causal attention of M query rows per kv head, with its natural-log log-sum-exp; no autograd.
+    On CPU it calls torch's CPU flash kernel directly (`aten::_scaled_dot_product_flash_attention_for_cpu`,
+    what F.scaled_dot_product_attention dispatches to), the public API does not return the lse.
     q (B, Hkv, M, D), k, v (B, Hkv, Tk, D) -> out (B, Hkv, M, D), lse (B, Hkv, M) float32.
     A row that sees no key gets out 0 and lse -inf (zero weight in `prefix_attention`'s merge)."""
     B, Hkv, M, D = q.shape
