@@ -386,19 +386,24 @@ def _launch_args(q, k, kv_start, causal):
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
+def _flash_forward(q, k, v, causal, kv_start):
+    """Launch the forward kernel: out (B, H, Tq, D) and lse (B, H, Tq) in log2 units, +inf where a
+    row sees no key."""
+    B, H, Tq, D = q.shape
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)       # (B, H, Tq, D)
+    lse = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)  # (B, H, Tq)
+    kvs = kv_start if kv_start is not None else lse  # dummy pointer, never read
+    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_fwd[grid](q, k, v, o, lse, kvs, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                    qk_scale=(1.0 / math.sqrt(D)) * _LOG2E, **_launch_args(q, k, kv_start, causal))
+    return o, lse
+
+
 class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, kv_start):
-        B, H, Tq, D = q.shape
-        sm_scale = 1.0 / math.sqrt(D)
-        a = _launch_args(q, k, kv_start, causal)
-        o = torch.empty_like(q, memory_format=torch.contiguous_format)  # (B, H, Tq, D)
-        lse = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)  # (B, H, Tq), log2 units
-        kvs = kv_start if kv_start is not None else lse  # dummy pointer, never read
-        grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _attn_fwd[grid](q, k, v, o, lse, kvs, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-                        qk_scale=sm_scale * _LOG2E, **a)
+        o, lse = _flash_forward(q, k, v, causal, kv_start)
         ctx.save_for_backward(q, k, v, o, lse, kv_start)
         ctx.causal = causal
         return o
@@ -560,12 +565,7 @@ def _attend_lse(q, k, v, kv_start, backend):
     if backend is None:
         backend = "triton" if q.is_cuda else "torch"
     if backend == "triton":
-        o = torch.empty_like(q, memory_format=torch.contiguous_format)          # (B, Hkv, M, D)
-        lse = torch.empty((B, Hkv, M), device=q.device, dtype=torch.float32)  # log2 units, +inf if no key
-        kvs = kv_start if kv_start is not None else lse
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * Hkv)  # noqa: E731
-        _attn_fwd[grid](q, k, v, o, lse, kvs, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-                        qk_scale=_LOG2E / math.sqrt(D), **_launch_args(q, k, kv_start, False))
+        o, lse = _flash_forward(q, k, v, False, kv_start)  # lse in log2 units, +inf if no key
         return o, torch.where(torch.isinf(lse), -math.inf, lse / _LOG2E)
     flash = _CPU_FLASH is not None and q.device.type == "cpu"  # it takes an additive mask of q's dtype
     mask, no_key = (None, None) if kv_start is None else _sdpa_mask(
