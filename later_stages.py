@@ -41,9 +41,9 @@ from rewards import combine_rewards
 from rollout import gathered_weights, generate
 from tokenizer import Tokenizer
 from train import (Dist, RunConfig, UserError, Metrics, _is_sharded, _model_dir, _text, _train_sft, check_finite,
-                   collect_verified, evaluate, full_state, get_task, init_dir, load_checkpoint, load_model,
-                   make_optimizer, progress, resolve_dtype, save_checkpoint, shard, stage_pretrain, stage_rl,
-                   write_run_config)
+                   collect_verified, evaluate, full_state, gather_rows, get_task, init_dir, load_checkpoint,
+                   load_model, make_optimizer, progress, resolve_dtype, sample_share, save_checkpoint, shard,
+                   stage_pretrain, stage_rl, write_run_config)
 
 
 def mixed_scorer(rm_score, weights: dict):
@@ -172,14 +172,8 @@ def best_general(model, tok, rm, rm_tok, task, n_prompts: int, k: int, g: grpo.G
     reward model's best among those that ended (eos). Rows {prompt, response, source, rm_score},
     gathered on every rank."""
     stream = task.general_samples(seed)
-    samples = [next(stream) for _ in range(n_prompts)][d.rank::d.world]
     rows = []
-    for i in range(0, len(samples), 64):
-        chunk = samples[i:i + 64]
-        with torch.no_grad(), gathered_weights(model):
-            roll = generate(model, [tok.encode(s["prompt"]) for s in chunk], g.max_new_tokens,
-                            temperature=g.temperature, num_samples=k, eos_token_id=tok.eos_ids,
-                            seed=seed + i, pad_token_id=tok.pad_id)
+    for chunk, roll in sample_share(model, tok, [next(stream) for _ in range(n_prompts)], k, g, seed, d):
         texts = [_text(tok, ids) for ids in roll.tokens]
         scores = rmod.score_texts(rm, rm_tok, [chunk[j // k]["prompt"] for j in range(len(texts))],
                                   texts, max_len).tolist()
@@ -189,11 +183,7 @@ def best_general(model, tok, rm, rm_tok, task, n_prompts: int, k: int, g: grpo.G
                 j = max(ended, key=lambda j: scores[j])
                 rows.append({"prompt": s["prompt"], "response": texts[j], "source": "general",
                              "rm_score": scores[j]})
-    if d.world > 1:
-        gathered = [None] * d.world
-        torch.distributed.all_gather_object(gathered, rows)
-        rows = [r for part in gathered for r in part]
-    return rows
+    return gather_rows(rows, d)
 
 
 def mix_at_ratio(reasoning: list, general: list, reasoning_frac: float) -> tuple[list, list]:

@@ -60,7 +60,7 @@ import reward_model as rmod
 import sft
 import tasks
 from model import Transformer, preset, replace_dir
-from rewards import DEFAULT_WEIGHTS, STAGE2_WEIGHTS, format_reward, language_reward
+from rewards import DEFAULT_WEIGHTS, STAGE2_WEIGHTS, accuracy_reward, format_reward, language_reward
 from rollout import gathered_weights, generate
 from tokenizer import Tokenizer, build_char_tokenizer
 
@@ -494,33 +494,43 @@ def stage_sft(c: dict, d: Dist) -> None:
     _train_sft(c, d, model, tok, examples, "sft")
 
 
+def sample_share(model, tok, samples: list, k: int, g: grpo.GRPOConfig, seed: int, d: Dist):
+    """This rank's share of `samples`, k completions each, 64 prompts per `generate` call: yields
+    (chunk of samples, its Rollout; completion j answers chunk[j // k])."""
+    mine = samples[d.rank::d.world]
+    for i in range(0, len(mine), 64):
+        chunk = mine[i:i + 64]
+        with torch.no_grad(), gathered_weights(model):
+            yield chunk, generate(model, [tok.encode(s["prompt"]) for s in chunk], g.max_new_tokens,
+                                  temperature=g.temperature, num_samples=k, eos_token_id=tok.eos_ids,
+                                  seed=seed + i, pad_token_id=tok.pad_id)
+
+
+def gather_rows(rows: list, d: Dist) -> list:
+    """Every rank's rows, in rank order, on every rank."""
+    if d.world == 1:
+        return rows
+    gathered = [None] * d.world
+    torch.distributed.all_gather_object(gathered, rows)
+    return [r for part in gathered for r in part]
+
+
 def collect_verified(model, tok, task, n_prompts: int, k: int, g: grpo.GRPOConfig, seed: int,
                      d: Dist) -> list[dict]:
     """Sample k responses for n training prompts; keep the verified, well-formed, language-consistent
     ones (the report's "readable" filter), at most one per distinct response. Returns rows
     {prompt, response} gathered on every rank."""
     stream = task.train_samples(seed + 1)
-    samples = [next(stream) for _ in range(n_prompts)][d.rank::d.world]
     rows, seen = [], set()
-    for i in range(0, len(samples), 64):
-        chunk = samples[i:i + 64]
-        with torch.no_grad(), gathered_weights(model):
-            roll = generate(model, [tok.encode(s["prompt"]) for s in chunk], g.max_new_tokens,
-                            temperature=g.temperature, num_samples=k, eos_token_id=tok.eos_ids,
-                            seed=seed + i, pad_token_id=tok.pad_id)
+    for chunk, roll in sample_share(model, tok, [next(stream) for _ in range(n_prompts)], k, g, seed, d):
         for j, ids in enumerate(roll.tokens):
             s, text = chunk[j // k], _text(tok, ids)
             ok = (roll.finish_reasons[j] == "eos" and format_reward(text) == 1.0
-                  and language_reward(text, s["prompt"]) == 1.0
-                  and __import__("rewards").accuracy_reward(text, s) == 1.0)
+                  and language_reward(text, s["prompt"]) == 1.0 and accuracy_reward(text, s) == 1.0)
             if ok and (s["prompt"], text) not in seen:
                 seen.add((s["prompt"], text))
                 rows.append({"prompt": s["prompt"], "response": text, "source": "reasoning"})
-    if d.world > 1:
-        gathered = [None] * d.world
-        torch.distributed.all_gather_object(gathered, rows)
-        rows = [r for part in gathered for r in part]
-    return rows
+    return gather_rows(rows, d)
 
 
 def _train_sft(c: dict, d: Dist, model, tok, examples: list, stage: str,
