@@ -1,6 +1,7 @@
 """Benchmarks, one subcommand each.
 
     python bench.py rollout      # our sampler vs transformers' generate vs naive, + batch scaling
+    python bench.py linear       # kernels.linear (oneDNN) vs F.linear (MKL) on the decode matmuls (CPU)
     python bench.py attention    # the Triton attention kernel vs torch SDPA (needs a GPU)
 
 Each prints the machine it ran on, so a figure is never quoted without its hardware.
@@ -15,6 +16,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import importlib  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -92,6 +94,9 @@ def bench_rollout(args) -> None:
     from rollout import generate, generate_naive
 
     P, G, T = args.prompts, args.samples, args.new_tokens
+    # the two CPU switches, for A/B runs (importlib: `kernels.linear` the attribute is the function)
+    importlib.import_module("kernels.linear").ONEDNN = args.linear == "onednn"
+    importlib.import_module("kernels.threads").SERIAL = args.decode_threads == "serial"
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
         cfg = transformers.Qwen2Config(**ROLLOUT_MODEL, pad_token_id=0, eos_token_id=None, bos_token_id=None)
@@ -125,6 +130,7 @@ def bench_rollout(args) -> None:
           f"same weights (one save_pretrained dir)")
     print(f"workload: {P} prompts (lengths {args.min_prompt}..{args.max_prompt}) x {G} samples x {T} new "
           f"tokens, plain sampling (temperature 1, no top-k/top-p); median of {args.repeats} runs")
+    print(f"ours: --linear {args.linear} --decode-threads {args.decode_threads}")
     t = median_times({"ours": run_ours, "hf": run_hf, "batch1": run_batch1}, args.repeats)
     t_ours, t_hf, t_b1 = t["ours"], t["hf"], t["batch1"]
     # the no-cache baseline is tens of times slower: a single run without warm-up shows the gap
@@ -155,6 +161,12 @@ def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / t
 
 
+def bench_linear(args) -> None:
+    from kernels.linear import _bench
+    print(f"machine: {machine()}")
+    _bench()
+
+
 def bench_attention(args) -> None:
     from kernels.attention import _bench
     print(f"machine: {machine()}")
@@ -174,7 +186,13 @@ def main(argv=None) -> None:
     r.add_argument("--device", default="cpu", help="cpu or cuda (the GPU path is untested here)")
     r.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     r.add_argument("--no-naive", dest="naive", action="store_false", help="skip the slow no-cache baseline")
+    r.add_argument("--linear", choices=["onednn", "mkl"], default="onednn",
+                   help="our no-grad CPU matmuls: oneDNN (kernels.linear, default) or F.linear (MKL)")
+    r.add_argument("--decode-threads", choices=["serial", "all"], default="serial",
+                   help="our CPU decode loop: one thread except matmuls (kernels.threads, default), or all ops on all threads")
     r.set_defaults(fn=bench_rollout)
+    lin = sub.add_parser("linear", help="kernels.linear vs F.linear on the rollout model's decode matmuls (CPU)")
+    lin.set_defaults(fn=bench_linear)
     a = sub.add_parser("attention", help="Triton attention vs torch SDPA (GPU only)")
     a.set_defaults(fn=bench_attention)
     args = parser.parse_args(argv)

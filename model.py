@@ -7,7 +7,8 @@ with rotary position embeddings (Su et al. 2021) -> RMSNorm -> SwiGLU MLP (Shaze
     Qwen3         : no bias; RMSNorm on each query and key head before RoPE; explicit head_dim.
     Llama-3       : no bias; `rope_scaling` of type "llama3" stretches the low rotary frequencies.
 Attention runs through `kernels.attention` (our Triton FlashAttention-2 kernel on CUDA, torch's
-SDPA elsewhere), or `kernels.prefix_attention` when the KV cache shares a prompt among rows.
+SDPA elsewhere), or `kernels.prefix_attention` when the KV cache shares a prompt among rows; linear
+layers through `kernels.linear` (oneDNN's matmul for no-grad float32 forwards on x86 CPUs).
 Checkpoints are read and written in the Hugging Face layout (config.json, *.safetensors, optional
 model.safetensors.index.json) and the same tensor names, so the
 transformers library and other HF-layout tools load what we save and we load what they save.
@@ -39,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import attention, prefix_attention
+from kernels import attention, linear, prefix_attention
 
 # --- config -----------------------------------------------------------------------------------
 
@@ -217,6 +218,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # --- layers -----------------------------------------------------------------------------------
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict names) whose forward is `kernels.linear`: oneDNN's
+    matmul on CPU when no gradient is needed (twice MKL's speed on the AMD CPU measured), else F.linear."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -310,8 +319,8 @@ class Attention(nn.Module):
         self.layer, self.H, self.Hkv, self.D = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # q, k and v projections as one matmul: the rows of qkv_proj are [q_proj; k_proj; v_proj]
         # (see FUSED). One (B*T, C) x (C, (H + 2Hkv) D) product instead of three small ones.
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.H * self.D, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.H * self.D, cfg.hidden_size, bias=False)
         if cfg.qk_norm:  # Qwen3: normalise each head's q and k before the rotation
             self.q_norm = RMSNorm(self.D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.D, cfg.rms_norm_eps)
@@ -345,8 +354,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
@@ -378,7 +387,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)  # (D/2,)

@@ -38,6 +38,9 @@ Departures and choices:
   never on the prompt; a stop string split over more tokens than that window is missed.
 - top-k keeps every token tied with the k-th largest logit (no tie-breaking).
 - The longest prompt plus max_new_tokens must fit in the model's context (`cfg.max_seq_len`).
+- On CPU the decode loop runs on one thread except for its matmuls and long attention
+  (`kernels.threads.serial`; a small batch's ops are too small to split over threads), and the
+  matmuls run through oneDNN (`kernels.linear`); prefill keeps every thread.
 - Runs under `torch.no_grad()`, not `inference_mode()`: tensors created under inference mode can
   never be saved for backward, yet the trainer feeds `input_ids` to an embedding, and FSDP2 would
   allocate its unsharded parameters here (as inference tensors, unusable for training after).
@@ -55,6 +58,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from kernels import threads
 
 FINISH_REASONS = ("length", "eos", "stop")  # code 0, 1, 2 in the per-row finish tensor
 # Compact the batch (copy the alive rows of the cache) once fewer than this fraction of rows is alive:
@@ -316,25 +321,26 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         alive = torch.ones(N, dtype=torch.bool, device=device)  # (B,) rows whose completion is open
         texts = [[] for _ in range(N)] if stop else None  # host copies of the tokens for stop matching
         window = _stop_window(stop) if stop else 0
-        for t in range(max_new_tokens):
-            tok, lp = sample(logits, temperature, top_k, top_p, gen)      # (B,), (B,)
-            out_tokens[rows, t] = tok    # dead rows write too; their lengths stop counting
-            out_logprobs[rows, t] = lp
-            lengths[rows] += alive
-            done = torch.zeros_like(alive) if eos is None else torch.isin(tok, eos) & alive  # (B,)
-            finish[rows[done]] = 1
-            if stop:
-                hit = _stop_hits(tok, alive & ~done, rows, texts, stop, window, tokenizer)  # (B,)
-                finish[rows[hit]] = 2
-                done |= hit
-            alive &= ~done
-            n_alive = int(alive.sum())
-            if n_alive == 0 or t == max_new_tokens - 1:
-                break
-            if n_alive < _COMPACT_BELOW * alive.numel():  # drop finished rows from the batch
-                keep = alive.nonzero().squeeze(1)          # (B',)
-                cache, rows, tok, alive = cache.select(keep), rows[keep], tok[keep], alive[keep]
-            logits = _last_logits(model, tok[:, None], cache)              # (B, V)
+        with threads.serial():  # CPU: one thread for a step's small ops, every thread for its matmuls
+            for t in range(max_new_tokens):
+                tok, lp = sample(logits, temperature, top_k, top_p, gen)      # (B,), (B,)
+                out_tokens[rows, t] = tok    # dead rows write too; their lengths stop counting
+                out_logprobs[rows, t] = lp
+                lengths[rows] += alive
+                done = torch.zeros_like(alive) if eos is None else torch.isin(tok, eos) & alive  # (B,)
+                finish[rows[done]] = 1
+                if stop:
+                    hit = _stop_hits(tok, alive & ~done, rows, texts, stop, window, tokenizer)  # (B,)
+                    finish[rows[hit]] = 2
+                    done |= hit
+                alive &= ~done
+                n_alive = int(alive.sum())
+                if n_alive == 0 or t == max_new_tokens - 1:
+                    break
+                if n_alive < _COMPACT_BELOW * alive.numel():  # drop finished rows from the batch
+                    keep = alive.nonzero().squeeze(1)          # (B',)
+                    cache, rows, tok, alive = cache.select(keep), rows[keep], tok[keep], alive[keep]
+                logits = _last_logits(model, tok[:, None], cache)              # (B, V)
     return _pack(prompt_ids, start, expand, out_tokens, out_logprobs, lengths, finish, pad_token_id)
 
 

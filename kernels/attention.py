@@ -28,7 +28,8 @@ Without a GPU the kernels run under Triton's interpreter (numpy), which is slow 
 the tests in tests/test_kernels.py. `python -m kernels.attention` benchmarks against torch SDPA.
 
 Elsewhere (backend "torch", the default off CUDA) `attention` is torch SDPA with the same semantics;
-its mask is built once per forward, not once per layer (`_sdpa_mask`). `prefix_attention` is the
+its mask is built once per forward, not once per layer (`_sdpa_mask`), and inside a decode loop
+it runs on one CPU thread unless the keys are many (`kernels/threads.py`). `prefix_attention` is the
 decode step of rows sharing a cached prompt (a GRPO group): the prompt part and each row's own part
 are attended separately, with their log-sum-exp, from the Triton forward kernel on CUDA or torch's
 CPU flash op, and merged.
@@ -50,6 +51,8 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402  (must follow the TRITON_INTERPRET switch)
 import triton.language as tl  # noqa: E402
+
+from kernels.threads import PARALLEL_MIN_KEYS, parallel  # noqa: E402
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634  # log2(e): softmax runs in base 2, exp(x) == exp2(x * log2(e))
@@ -451,11 +454,12 @@ def _check(q, k, v, kv_start):
 def _sdpa(q, k, v, causal, kv_start):
     """torch SDPA with the same semantics: bottom-right causal, kv_start padding, empty rows -> 0."""
     B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
-    if kv_start is None and (not causal or Tq == Tk or Tq == 1):  # SDPA's is_causal is top-left aligned
-        # so use it only where that agrees: Tq == Tk, or a decode row, which sees every key anyway
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq > 1, enable_gqa=True)
-    mask, no_key = _sdpa_mask(B, Tq, Tk, causal, kv_start, q.device)  # (B, 1, Tq, Tk), (B, 1, Tq, 1) or None
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    with parallel(Tk >= PARALLEL_MIN_KEYS):  # inside a decode loop: see kernels/threads.py
+        if kv_start is None and (not causal or Tq == Tk or Tq == 1):  # SDPA's is_causal is top-left
+            # aligned, so use it only where that agrees: Tq == Tk, or a decode row, which sees every key
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq > 1, enable_gqa=True)
+        mask, no_key = _sdpa_mask(B, Tq, Tk, causal, kv_start, q.device)  # (B, 1, Tq, Tk), (B, 1, Tq, 1) or None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     return out if no_key is None else out.masked_fill(no_key, 0.0)  # (B, H, Tq, D)
 
 
@@ -571,7 +575,8 @@ def _attend_lse(q, k, v, kv_start, backend):
     mask, no_key = (None, None) if kv_start is None else _sdpa_mask(
         B, M, k.shape[2], False, kv_start, q.device, dtype=q.dtype if flash else torch.float32)
     if flash:
-        out, lse = _CPU_FLASH(q, k, v, attn_mask=mask)[:2]                      # lse (B, Hkv, M)
+        with parallel(k.shape[2] >= PARALLEL_MIN_KEYS):  # inside a decode loop: see kernels/threads.py
+            out, lse = _CPU_FLASH(q, k, v, attn_mask=mask)[:2]                  # lse (B, Hkv, M)
     else:  # explicit math: other devices, or a torch without the CPU flash op
         s = (q @ k.transpose(-1, -2)).float() / math.sqrt(D)                   # (B, Hkv, M, Tk)
         if mask is not None:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from kernels import attention, attention_reference
 
 attention_module = importlib.import_module("kernels.attention")  # `kernels.attention` is the function
+linear_module = importlib.import_module("kernels.linear")  # likewise `kernels.linear`
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["triton", "torch"]
 FP32_TOL = dict(atol=2e-5, rtol=1e-4)  # fp32 accumulation over <= 65 keys, compared with float64
@@ -267,3 +268,145 @@ def test_mask_memo_follows_kv_start():
         got = attention(q, k, v, backend="torch", kv_start=kv)
         want = attention_reference(q.double(), k.double(), v.double(), kv_start=kv)
         torch.testing.assert_close(got.double(), want, **FP32_TOL)
+
+
+# --- kernels.threads: one CPU thread for a decode loop's small ops, every thread for its big ones ----
+
+threads_module = importlib.import_module("kernels.threads")
+
+
+@pytest.fixture
+def two_threads():
+    """Run the test with two torch threads (the count the scheduling decides between), then restore."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+def _spy(seen, fn):
+    """fn, recording torch's thread count at each call."""
+    def wrapped(*args, **kw):
+        seen.append(torch.get_num_threads())
+        return fn(*args, **kw)
+    return wrapped
+
+
+def test_serial_and_parallel_blocks(two_threads, monkeypatch):
+    """serial() runs on one thread and restores the count, also on an exception; parallel() inside it
+    gets every thread back, outside it does nothing; a nested serial() is a no-op, and so is every
+    serial() with the SERIAL switch off."""
+    with threads_module.parallel():
+        assert torch.get_num_threads() == 2
+    with threads_module.serial():
+        assert torch.get_num_threads() == 1
+        with threads_module.parallel():
+            assert torch.get_num_threads() == 2
+        with threads_module.parallel(active=False):
+            assert torch.get_num_threads() == 1
+        with threads_module.serial():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with pytest.raises(ZeroDivisionError), threads_module.serial():
+        with threads_module.parallel():
+            1 / 0
+    assert torch.get_num_threads() == 2
+    monkeypatch.setattr(threads_module, "SERIAL", False)
+    with threads_module.serial():
+        assert torch.get_num_threads() == 2
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="thread scheduling of torch's CPU attention")
+@pytest.mark.parametrize("Tk", [5, 255, 256])
+def test_decode_attention_threads(Tk, two_threads, monkeypatch):
+    """Inside serial(), attention over fewer than PARALLEL_MIN_KEYS keys runs on one thread (both
+    `prefix_attention` calls and a decode step without a shared prefix), longer keys on every thread;
+    outside serial() every call keeps every thread."""
+    seen = []
+    monkeypatch.setattr(attention_module, "_CPU_FLASH", _spy(seen, attention_module._CPU_FLASH))
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
+                        _spy(seen, attention_module.F.scaled_dot_product_attention))
+    q, k, v, _ = _inputs(4, 4, 2, 1, Tk, 16)
+    kp, vp = k[:2, :, :7], v[:2, :, :7]                       # (P, Hkv, Tp, D): 2 prompts, G = 2
+    with threads_module.serial():
+        attention_module.prefix_attention(q, kp, vp, None, k, v)  # prefix part (7 keys), then own part
+        attention(q, k, v, backend="torch")
+    attention(q, k, v, backend="torch")
+    wide = 2 if Tk >= threads_module.PARALLEL_MIN_KEYS else 1
+    assert seen == [1, wide, wide, 2]
+
+
+def test_linear_gets_every_thread_inside_serial(two_threads, monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch.nn.functional, "linear", _spy(seen, torch.nn.functional.linear))
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", _spy(seen, torch.ops.mkldnn._linear_pointwise))
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    with torch.no_grad(), threads_module.serial():
+        linear_module.linear(x, w)       # oneDNN where available
+        linear_module.linear(x[:1], w)   # one row: F.linear
+    assert seen == [2, 2]
+
+
+# --- kernels.linear: oneDNN's matmul for no-grad float32 forwards on CPU ---------------------------
+
+# name: (x shape, out features, bias, transpose x)
+LINEAR_CASES = {
+    "2d": ((5, 16), 24, False, False),
+    "3d_bias": ((2, 3, 16), 24, True, False),
+    "decode_rows": ((8, 1, 32), 40, True, False),
+    "non_contiguous_x": ((6, 16), 8, False, True),
+    "single_row": ((1, 1, 16), 24, True, False),  # a matrix-vector product: F.linear
+}
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("case", list(LINEAR_CASES))
+def test_linear_matches_reference(case, onednn, monkeypatch):
+    """`linear` equals the float64 product in every mode (oneDNN on/off, bias, 2-D/3-D, strided x, one
+    row), takes oneDNN's path exactly where documented, and under autograd is F.linear with its grads."""
+    monkeypatch.setattr(linear_module, "ONEDNN", onednn)
+    shape, out_f, bias, transpose = LINEAR_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    if transpose:
+        x = torch.randn(*reversed(shape), generator=g).t()      # same shape, column-major
+    w = torch.randn(out_f, shape[-1], generator=g)               # (out, in)
+    b = torch.randn(out_f, generator=g) if bias else None
+    want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    with torch.no_grad():
+        got = linear_module.linear(x, w, b)
+        fast = linear_module.uses_onednn(x, w)
+    assert fast == (onednn and linear_module._AVAILABLE and x.numel() > x.shape[-1])
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    assert not linear_module.uses_onednn(xg, wg)                 # autograd on: F.linear and its backward
+    linear_module.linear(xg, wg, b).sum().backward()
+    ones = torch.ones(*shape[:-1], out_f, dtype=torch.float64)
+    tol = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xg.grad.double(), ones @ w.double(), **tol)
+    torch.testing.assert_close(wg.grad.double(), ones.reshape(-1, out_f).T @ x.double().reshape(-1, shape[-1]), **tol)
+
+
+def test_linear_other_dtypes_and_devices_take_f_linear():
+    with torch.no_grad():
+        assert not linear_module.uses_onednn(torch.randn(4, 8, dtype=torch.bfloat16),
+                                             torch.randn(3, 8, dtype=torch.bfloat16))
+        assert not linear_module.uses_onednn(torch.randn(4, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64))
+        if torch.cuda.is_available():
+            assert not linear_module.uses_onednn(torch.randn(4, 8, device="cuda"), torch.randn(3, 8, device="cuda"))
+
+
+def test_model_no_grad_forward_same_with_and_without_onednn(monkeypatch):
+    """The model's no-grad logits (what the sampler and the reference model compute) agree with the
+    fast path on and off to float32 rounding."""
+    from model import Transformer, preset
+    model = Transformer(preset("micro"))
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = model(ids)
+        monkeypatch.setattr(linear_module, "ONEDNN", False)
+        slow = model(ids)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)

@@ -238,6 +238,30 @@ def test_stop_strings_end_a_sample():
         generate(m, PROMPTS, 4, stop=["x"])
 
 
+def test_decode_loop_runs_on_one_thread_and_restores_the_count():
+    """The decode loop runs inside kernels.threads.serial() (one thread for its small ops) and the
+    caller's thread count is back after generate returns, or raises mid-loop."""
+    m, seen = toy(), []
+
+    class Spy(CharTokenizer):
+        def decode(self, ids):
+            seen.append(torch.get_num_threads())
+            if len(seen) == 6:
+                raise RuntimeError("tokenizer failed")
+            return super().decode(ids)
+
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="tokenizer failed"):
+            generate(m, PROMPTS, 3, num_samples=2, stop=["zzzz"], tokenizer=Spy())  # 8 decodes a step
+        after = torch.get_num_threads()
+        generate(m, PROMPTS, 3, num_samples=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert seen == [1] * 6 and after == 2
+
+
 @pytest.mark.parametrize("n", [1, 5])
 def test_max_new_tokens_is_respected(n):
     r = generate(toy(), PROMPTS, n, num_samples=2, seed=0)
@@ -322,12 +346,19 @@ def test_fsdp2_rollout_equals_unsharded_and_gathers_once(monkeypatch):
         dist.destroy_process_group()
 
 
-def test_bench_rollout_smoke(capsys):
+@pytest.mark.parametrize("switches", [[], ["--linear", "mkl", "--decode-threads", "all"]])
+def test_bench_rollout_smoke(switches, capsys, monkeypatch):
     pytest.importorskip("transformers")
+    import importlib
+
     import bench
-    bench.main(["rollout", "--prompts", "2", "--samples", "2", "--new-tokens", "3", "--repeats", "1", "--no-naive"])
+    for module, switch in [("kernels.linear", "ONEDNN"), ("kernels.threads", "SERIAL")]:
+        monkeypatch.setattr(importlib.import_module(module), switch, True)  # restored after the test
+    bench.main(["rollout", "--prompts", "2", "--samples", "2", "--new-tokens", "3", "--repeats", "1", "--no-naive",
+                *switches])
     out = capsys.readouterr().out
     assert "transformers generate" in out and "batch scaling" in out and "machine:" in out
+    assert ("--linear mkl --decode-threads all" in out) == bool(switches)
 
 
 def test_concat_groups_keeps_the_layout_generate_returns():

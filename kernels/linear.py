@@ -1,0 +1,84 @@
+"""The model's linear layers on CPU: oneDNN's matmul when no gradient is needed, F.linear otherwise.
+
+Why
+    torch's float32 matmul on x86 CPUs calls MKL's sgemm. On the AMD EPYC (AVX-512) this project is
+    measured on, MKL's verbose log names no vector extension ("Intel(R) Architecture processors")
+    and it reaches about 100 GFLOP/s per core on the sampler's shapes, (64, 256) x (256, 2048) and
+    alike; oneDNN, which torch ships too and which picks its kernels from the CPU's instruction set
+    (its log: "isa: Intel AVX-512"), reaches about 200 (`python bench.py linear` prints both). Matmuls
+    are half of a CPU decode step, so the sampler and every no-grad forward (reference-model
+    logprobs, evaluation) route through oneDNN. On other CPUs the gap may be smaller or absent.
+
+How
+    `torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")` is the op torch's own compiler
+    (inductor) emits for a float32 linear layer on CPU: dense tensors in and out, same (out, in) weight
+    layout as nn.Linear, no weight conversion. It has no autograd formula, so it is used only under
+    `torch.no_grad()` / `inference_mode()`; training forwards keep F.linear and its backward.
+
+Departures and limits
+    - Private op: it is looked up once at import; without it (a torch built without oneDNN, a
+      non-x86 CPU) every call is F.linear. `ONEDNN = False` turns the fast path off (tests, A/B runs).
+    - float32 only: bfloat16 matmuls already go through oneDNN inside F.linear.
+    - Results differ from MKL's by float32 rounding (a different summation order), not more; the
+      tests compare both against float64.
+    - A single row (x with one row in all) takes F.linear: see _MIN_ROWS.
+    - Tensor subclasses (FSDP2's sharded DTensor parameters) always take F.linear.
+"""
+
+import platform
+
+import torch
+import torch.nn.functional as F
+
+from kernels.threads import parallel
+
+ONEDNN = True  # the one switch: False sends every call to F.linear
+# A single row (batch-1 decoding) is a matrix-vector product, where MKL's kernel is the faster one
+# (7-33 us against oneDNN's 16-74 us for the benchmark model's matrices, measured at 1 and 2 threads).
+_MIN_ROWS = 2
+_AVAILABLE = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+              and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True where `linear` takes oneDNN's path for these arguments."""
+    return (ONEDNN and _AVAILABLE and not torch.is_grad_enabled() and x.numel() >= _MIN_ROWS * x.shape[-1]
+            and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and type(weight) in (torch.Tensor, torch.nn.Parameter) and type(x) is torch.Tensor)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias, like F.linear: x (..., in), weight (out, in), bias (out,) -> (..., out).
+    Inside a decode loop's `kernels.threads.serial()` block it still gets every thread."""
+    with parallel():
+        if uses_onednn(x, weight):
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
+
+
+def _bench() -> None:
+    """GFLOP/s of F.linear (MKL) and `linear` (oneDNN) on the rollout benchmark's decode matmuls:
+    64 rows (8 prompts x 8 samples) times each weight of its model (hidden 256, MLP 688, vocab 2048)."""
+    import time
+
+    def seconds(fn, n=200):
+        for _ in range(10):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n
+
+    print(f"{torch.get_num_threads()} threads, oneDNN path available: {_AVAILABLE}")
+    print(f"{'(rows, in) x (in, out)':<24} {'F.linear GFLOP/s':>17} {'linear GFLOP/s':>15} {'ratio':>6}")
+    with torch.no_grad():
+        for out_f, in_f in [(2048, 256), (1376, 256), (512, 256), (256, 688), (256, 256)]:
+            x, w = torch.randn(64, in_f), torch.randn(out_f, in_f)
+            flop = 2 * x.shape[0] * out_f * in_f
+            t_ref, t_ours = seconds(lambda: F.linear(x, w)), seconds(lambda: linear(x, w))
+            shape = f"(64, {in_f}) x ({in_f}, {out_f})"
+            print(f"{shape:<24} {flop / t_ref / 1e9:17.0f} {flop / t_ours / 1e9:15.0f} {t_ref / t_ours:5.2f}x")
+
+
+if __name__ == "__main__":
+    _bench()
