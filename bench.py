@@ -88,15 +88,23 @@ def hf_generate_inputs(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor
 
 
 def bench_rollout(args) -> None:
+    """The rollout benchmark with our two CPU switches set from the flags, restored after."""
+    lin, thr = importlib.import_module("kernels.linear"), importlib.import_module("kernels.threads")
+    saved = lin.ONEDNN, thr.SERIAL  # importlib: the attribute `kernels.linear` is the function
+    lin.ONEDNN, thr.SERIAL = args.linear == "onednn", args.decode_threads == "serial"
+    try:
+        _bench_rollout(args)
+    finally:
+        lin.ONEDNN, thr.SERIAL = saved
+
+
+def _bench_rollout(args) -> None:
     import transformers
 
     from model import Transformer
     from rollout import generate, generate_naive
 
     P, G, T = args.prompts, args.samples, args.new_tokens
-    # the two CPU switches, for A/B runs (importlib: `kernels.linear` the attribute is the function)
-    importlib.import_module("kernels.linear").ONEDNN = args.linear == "onednn"
-    importlib.import_module("kernels.threads").SERIAL = args.decode_threads == "serial"
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
         cfg = transformers.Qwen2Config(**ROLLOUT_MODEL, pad_token_id=0, eos_token_id=None, bos_token_id=None)

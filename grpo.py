@@ -390,8 +390,9 @@ def collect(policy, ref, tok, draw_prompts, n_prompts: int, cfg: GRPOConfig, lcf
     old = roll.old_logprobs                                                      # (N, L)
     if cfg.mu > 1 or cfg.minibatches > 1 or ids.device.type != "cpu":
         # Off-policy passes, or bf16 on GPU: take pi_old from the trainer's own forward so the
-        # first ratio is exactly 1. (On CPU in fp32 the sampler's logprobs already match it to
-        # 1e-4: tests/test_rollout.py checks that.)
+        # first ratio is 1 (exactly on GPU; on CPU to float32 rounding, ~1e-6, because no-grad
+        # matmuls run on oneDNN and the update's on MKL, see kernels/linear.py). On CPU in fp32
+        # the sampler's logprobs already match it to 1e-4: tests/test_rollout.py checks that.
         with torch.no_grad():
             old = sequence_logprobs(policy, ids, start, cfg.temperature, cfg.micro_batch)
     ref_lp = None

@@ -38,9 +38,10 @@ Departures and choices:
   never on the prompt; a stop string split over more tokens than that window is missed.
 - top-k keeps every token tied with the k-th largest logit (no tie-breaking).
 - The longest prompt plus max_new_tokens must fit in the model's context (`cfg.max_seq_len`).
-- On CPU the decode loop runs on one thread except for its matmuls and long attention
-  (`kernels.threads.serial`; a small batch's ops are too small to split over threads), and the
-  matmuls run through oneDNN (`kernels.linear`); prefill keeps every thread.
+- The decode loop runs on one CPU thread except for its matmuls and long attention
+  (`kernels.threads.serial`; a small batch's ops are too small to split over threads; on a GPU the
+  switch costs nothing and changes nothing), and CPU matmuls run through oneDNN (`kernels.linear`);
+  prefill keeps every thread.
 - Runs under `torch.no_grad()`, not `inference_mode()`: tensors created under inference mode can
   never be saved for backward, yet the trainer feeds `input_ids` to an embedding, and FSDP2 would
   allocate its unsharded parameters here (as inference tensors, unusable for training after).

@@ -22,7 +22,13 @@ Departures and limits
     - Results differ from MKL's by float32 rounding (a different summation order), not more; the
       tests compare both against float64.
     - A single row (x with one row in all) takes F.linear: see _MIN_ROWS.
-    - Tensor subclasses (FSDP2's sharded DTensor parameters) always take F.linear.
+    - Tensor subclasses (a DTensor) take F.linear. FSDP2's forwards see plain unsharded parameters,
+      so a sharded model's no-grad forwards use oneDNN too.
+    - Under CPU autocast every call is F.linear, so the output dtype is autocast's.
+    - The training forward (F.linear, MKL) and a no-grad forward (oneDNN) of the same weights agree
+      to float32 rounding, not bit for bit: a ratio pi_theta / pi_old computed from the two is 1
+      to about 1e-6 (see grpo.py), and a fork adding reentrant activation checkpointing would
+      recompute with slightly different values.
 """
 
 import platform
@@ -42,7 +48,8 @@ _AVAILABLE = (platform.machine().lower() in ("x86_64", "amd64") and torch.backen
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True where `linear` takes oneDNN's path for these arguments."""
-    return (ONEDNN and _AVAILABLE and not torch.is_grad_enabled() and x.numel() >= _MIN_ROWS * x.shape[-1]
+    return (ONEDNN and _AVAILABLE and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and x.shape[-1] > 0 and x.numel() >= _MIN_ROWS * x.shape[-1]
             and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and type(weight) in (torch.Tensor, torch.nn.Parameter) and type(x) is torch.Tensor)
 
@@ -52,7 +59,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Inside a decode loop's `kernels.threads.serial()` block it still gets every thread."""
     with parallel():
         if uses_onednn(x, weight):
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+            b = None if bias is None else bias.contiguous()  # the op reads the bias as dense
+            return torch.ops.mkldnn._linear_pointwise(x, weight, b, "none", [], "")
         return F.linear(x, weight, bias)
 
 

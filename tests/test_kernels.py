@@ -294,7 +294,7 @@ def _spy(seen, fn):
 
 def test_serial_and_parallel_blocks(two_threads, monkeypatch):
     """serial() runs on one thread and restores the count, also on an exception; parallel() inside it
-    gets every thread back, outside it does nothing; a nested serial() is a no-op, and so is every
+    gets every thread back (nested too), outside it does nothing; a nested serial() is a no-op, and so is every
     serial() with the SERIAL switch off."""
     with threads_module.parallel():
         assert torch.get_num_threads() == 2
@@ -302,6 +302,9 @@ def test_serial_and_parallel_blocks(two_threads, monkeypatch):
         assert torch.get_num_threads() == 1
         with threads_module.parallel():
             assert torch.get_num_threads() == 2
+            with threads_module.parallel():
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 2  # a nested parallel() restores what it found
         with threads_module.parallel(active=False):
             assert torch.get_num_threads() == 1
         with threads_module.serial():
@@ -338,25 +341,26 @@ def test_decode_attention_threads(Tk, two_threads, monkeypatch):
 
 
 def test_linear_gets_every_thread_inside_serial(two_threads, monkeypatch):
-    seen = []
-    monkeypatch.setattr(torch.nn.functional, "linear", _spy(seen, torch.nn.functional.linear))
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", _spy(seen, torch.ops.mkldnn._linear_pointwise))
+    mkl, onednn = [], []
+    monkeypatch.setattr(torch.nn.functional, "linear", _spy(mkl, torch.nn.functional.linear))
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", _spy(onednn, torch.ops.mkldnn._linear_pointwise))
     x, w = torch.randn(4, 8), torch.randn(3, 8)
     with torch.no_grad(), threads_module.serial():
         linear_module.linear(x, w)       # oneDNN where available
         linear_module.linear(x[:1], w)   # one row: F.linear
-    assert seen == [2, 2]
+    assert (mkl, onednn) == (([2], [2]) if linear_module._AVAILABLE else ([2, 2], []))
 
 
 # --- kernels.linear: oneDNN's matmul for no-grad float32 forwards on CPU ---------------------------
 
-# name: (x shape, out features, bias, transpose x)
+# name: (x shape, out features, bias: None / "dense" / "strided", transpose x)
 LINEAR_CASES = {
-    "2d": ((5, 16), 24, False, False),
-    "3d_bias": ((2, 3, 16), 24, True, False),
-    "decode_rows": ((8, 1, 32), 40, True, False),
-    "non_contiguous_x": ((6, 16), 8, False, True),
-    "single_row": ((1, 1, 16), 24, True, False),  # a matrix-vector product: F.linear
+    "2d": ((5, 16), 24, None, False),
+    "3d_bias": ((2, 3, 16), 24, "dense", False),
+    "decode_rows": ((8, 1, 32), 40, "dense", False),
+    "non_contiguous_x": ((6, 16), 8, None, True),
+    "strided_bias": ((6, 16), 8, "strided", False),
+    "single_row": ((1, 1, 16), 24, "dense", False),  # a matrix-vector product: F.linear
 }
 
 
@@ -372,7 +376,8 @@ def test_linear_matches_reference(case, onednn, monkeypatch):
     if transpose:
         x = torch.randn(*reversed(shape), generator=g).t()      # same shape, column-major
     w = torch.randn(out_f, shape[-1], generator=g)               # (out, in)
-    b = torch.randn(out_f, generator=g) if bias else None
+    b = {None: None, "dense": torch.randn(out_f, generator=g),
+         "strided": torch.randn(2 * out_f, generator=g)[::2]}[bias]
     want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
     with torch.no_grad():
         got = linear_module.linear(x, w, b)
@@ -390,23 +395,34 @@ def test_linear_matches_reference(case, onednn, monkeypatch):
     torch.testing.assert_close(wg.grad.double(), ones.reshape(-1, out_f).T @ x.double().reshape(-1, shape[-1]), **tol)
 
 
-def test_linear_other_dtypes_and_devices_take_f_linear():
+def test_linear_other_dtypes_devices_and_modes_take_f_linear():
+    """bf16/float64/CUDA inputs, CPU autocast (its output dtype is autocast's) and zero input
+    features (F.linear gives zeros, oneDNN would refuse) all take F.linear."""
     with torch.no_grad():
         assert not linear_module.uses_onednn(torch.randn(4, 8, dtype=torch.bfloat16),
                                              torch.randn(3, 8, dtype=torch.bfloat16))
         assert not linear_module.uses_onednn(torch.randn(4, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64))
         if torch.cuda.is_available():
             assert not linear_module.uses_onednn(torch.randn(4, 8, device="cuda"), torch.randn(3, 8, device="cuda"))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert linear_module.linear(torch.randn(4, 8), torch.randn(3, 8)).dtype == torch.bfloat16
+        assert torch.equal(linear_module.linear(torch.randn(4, 0), torch.randn(3, 0)), torch.zeros(4, 3))
 
 
 def test_model_no_grad_forward_same_with_and_without_onednn(monkeypatch):
     """The model's no-grad logits (what the sampler and the reference model compute) agree with the
-    fast path on and off to float32 rounding."""
+    fast path on and off to float32 rounding (they are not bitwise equal at the toy's width), and
+    every linear layer takes the fast path where it exists."""
     from model import Transformer, preset
-    model = Transformer(preset("micro"))
-    ids = torch.randint(0, model.cfg.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
+    calls = []
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", _spy(calls, torch.ops.mkldnn._linear_pointwise))
+    torch.manual_seed(0)
+    model = Transformer(preset("toy", vocab_size=64))
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fast = model(ids)
         monkeypatch.setattr(linear_module, "ONEDNN", False)
         slow = model(ids)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())  # 4 per block + lm_head
+    assert len(calls) == (n_linear if linear_module._AVAILABLE else 0)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)

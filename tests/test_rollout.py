@@ -347,18 +347,18 @@ def test_fsdp2_rollout_equals_unsharded_and_gathers_once(monkeypatch):
 
 
 @pytest.mark.parametrize("switches", [[], ["--linear", "mkl", "--decode-threads", "all"]])
-def test_bench_rollout_smoke(switches, capsys, monkeypatch):
+def test_bench_rollout_smoke(switches, capsys):
     pytest.importorskip("transformers")
     import importlib
 
     import bench
-    for module, switch in [("kernels.linear", "ONEDNN"), ("kernels.threads", "SERIAL")]:
-        monkeypatch.setattr(importlib.import_module(module), switch, True)  # restored after the test
+    lin, thr = importlib.import_module("kernels.linear"), importlib.import_module("kernels.threads")
     bench.main(["rollout", "--prompts", "2", "--samples", "2", "--new-tokens", "3", "--repeats", "1", "--no-naive",
                 *switches])
     out = capsys.readouterr().out
     assert "transformers generate" in out and "batch scaling" in out and "machine:" in out
     assert ("--linear mkl --decode-threads all" in out) == bool(switches)
+    assert lin.ONEDNN and thr.SERIAL  # the flags' settings do not outlive the benchmark
 
 
 def test_concat_groups_keeps_the_layout_generate_returns():
