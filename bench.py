@@ -170,9 +170,27 @@ def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
 
 
 def bench_linear(args) -> None:
-    from kernels.linear import _bench
+    """GFLOP/s of F.linear (MKL) and kernels.linear (oneDNN where it applies) on the rollout
+    benchmark's decode matmuls: 64 rows (8 prompts x 8 samples) times each weight of its model."""
+    from kernels.linear import linear, uses_onednn
+
+    m = ROLLOUT_MODEL
+    C, I, V = m["hidden_size"], m["intermediate_size"], m["vocab_size"]
+    D = C // m["num_attention_heads"]
+    weights = {"qkv_proj": ((m["num_attention_heads"] + 2 * m["num_key_value_heads"]) * D, C),
+               "o_proj": (C, C), "gate_up_proj": (2 * I, C), "down_proj": (C, I), "lm_head": (V, C)}
     print(f"machine: {machine()}")
-    _bench()
+    print(f"{'weight':<13} {'(rows, in) x (in, out)':<24} {'F.linear GFLOP/s':>17} {'linear GFLOP/s':>15} {'ratio':>6}")
+    with torch.no_grad():
+        for name, (out_f, in_f) in weights.items():
+            x, w = torch.randn(64, in_f), torch.randn(out_f, in_f)
+            t = median_times({"ref": lambda: torch.nn.functional.linear(x, w), "ours": lambda: linear(x, w)},
+                             args.repeats, warmup=10)
+            flop = 2 * x.shape[0] * out_f * in_f
+            shape = f"(64, {in_f}) x ({in_f}, {out_f})"
+            print(f"{name:<13} {shape:<24} {flop / t['ref'] / 1e9:17.0f} {flop / t['ours'] / 1e9:15.0f} "
+                  f"{t['ref'] / t['ours']:5.2f}x")
+        print(f"oneDNN path taken: {uses_onednn(x, w)}")
 
 
 def bench_attention(args) -> None:
@@ -200,6 +218,7 @@ def main(argv=None) -> None:
                    help="our CPU decode loop: one thread except matmuls (kernels.threads, default), or all ops on all threads")
     r.set_defaults(fn=bench_rollout)
     lin = sub.add_parser("linear", help="kernels.linear vs F.linear on the rollout model's decode matmuls (CPU)")
+    lin.add_argument("--repeats", type=int, default=200)
     lin.set_defaults(fn=bench_linear)
     a = sub.add_parser("attention", help="Triton attention vs torch SDPA (GPU only)")
     a.set_defaults(fn=bench_attention)

@@ -63,30 +63,3 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return torch.ops.mkldnn._linear_pointwise(x, weight, b, "none", [], "")
         return F.linear(x, weight, bias)
 
-
-def _bench() -> None:
-    """GFLOP/s of F.linear (MKL) and `linear` (oneDNN) on the rollout benchmark's decode matmuls:
-    64 rows (8 prompts x 8 samples) times each weight of its model (hidden 256, MLP 688, vocab 2048)."""
-    import time
-
-    def seconds(fn, n=200):
-        for _ in range(10):
-            fn()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return (time.perf_counter() - t0) / n
-
-    print(f"{torch.get_num_threads()} threads, oneDNN path available: {_AVAILABLE}")
-    print(f"{'(rows, in) x (in, out)':<24} {'F.linear GFLOP/s':>17} {'linear GFLOP/s':>15} {'ratio':>6}")
-    with torch.no_grad():
-        for out_f, in_f in [(2048, 256), (1376, 256), (512, 256), (256, 688), (256, 256)]:
-            x, w = torch.randn(64, in_f), torch.randn(out_f, in_f)
-            flop = 2 * x.shape[0] * out_f * in_f
-            t_ref, t_ours = seconds(lambda: F.linear(x, w)), seconds(lambda: linear(x, w))
-            shape = f"(64, {in_f}) x ({in_f}, {out_f})"
-            print(f"{shape:<24} {flop / t_ref / 1e9:17.0f} {flop / t_ours / 1e9:15.0f} {t_ref / t_ours:5.2f}x")
-
-
-if __name__ == "__main__":
-    _bench()

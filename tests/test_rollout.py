@@ -361,6 +361,13 @@ def test_bench_rollout_smoke(switches, capsys):
     assert lin.ONEDNN and thr.SERIAL  # the flags' settings do not outlive the benchmark
 
 
+
+def test_bench_linear_smoke(capsys):
+    import bench
+    bench.main(["linear", "--repeats", "2"])
+    out = capsys.readouterr().out
+    assert "machine:" in out and "lm_head" in out and "(64, 256) x (256, 2048)" in out and "oneDNN path taken" in out
+
 def test_concat_groups_keeps_the_layout_generate_returns():
     """Dynamic sampling's regrouping (rollout.concat_groups) rebuilds exactly generate()'s tensors."""
     from rollout import concat_groups
