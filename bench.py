@@ -1,7 +1,7 @@
 """Benchmarks, one subcommand each.
 
     python bench.py rollout      # our sampler vs transformers' generate vs naive, + batch scaling
-    python bench.py linear       # kernels.linear (oneDNN) vs F.linear (MKL) on the decode matmuls (CPU)
+    python bench.py linear       # kernels.cpu_decode.linear (oneDNN) vs F.linear (MKL) on the decode matmuls (CPU)
     python bench.py attention    # the Triton attention kernel vs torch SDPA (needs a GPU)
 
 Each prints the machine it ran on, so a figure is never quoted without its hardware.
@@ -16,7 +16,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import importlib  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -88,14 +87,15 @@ def hf_generate_inputs(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor
 
 
 def bench_rollout(args) -> None:
-    """The rollout benchmark with our two CPU switches set from the flags, restored after."""
-    lin, thr = importlib.import_module("kernels.linear"), importlib.import_module("kernels.threads")
-    saved = lin.ONEDNN, thr.SERIAL  # importlib: the attribute `kernels.linear` is the function
-    lin.ONEDNN, thr.SERIAL = args.linear == "onednn", args.decode_threads == "serial"
+    """The rollout benchmark with our two CPU switches (kernels/cpu_decode.py) set from the flags,
+    restored after."""
+    from kernels import cpu_decode
+    saved = cpu_decode.ONEDNN, cpu_decode.SERIAL
+    cpu_decode.ONEDNN, cpu_decode.SERIAL = args.linear == "onednn", args.decode_threads == "serial"
     try:
         _bench_rollout(args)
     finally:
-        lin.ONEDNN, thr.SERIAL = saved
+        cpu_decode.ONEDNN, cpu_decode.SERIAL = saved
 
 
 def _bench_rollout(args) -> None:
@@ -170,9 +170,9 @@ def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
 
 
 def bench_linear(args) -> None:
-    """GFLOP/s of F.linear (MKL) and kernels.linear (oneDNN where it applies) on the rollout
+    """GFLOP/s of F.linear (MKL) and kernels.cpu_decode.linear (oneDNN where it applies) on the rollout
     benchmark's decode matmuls: 64 rows (8 prompts x 8 samples) times each weight of its model."""
-    from kernels.linear import linear, uses_onednn
+    from kernels.cpu_decode import linear, uses_onednn
 
     m = ROLLOUT_MODEL
     C, I, V = m["hidden_size"], m["intermediate_size"], m["vocab_size"]
@@ -194,7 +194,10 @@ def bench_linear(args) -> None:
 
 
 def bench_attention(args) -> None:
-    from kernels.attention import _bench
+    try:
+        from kernels.flash_attention import _bench
+    except ImportError:
+        raise SystemExit("bench.py attention needs the triton package, which is not installed: pip install triton")
     print(f"machine: {machine()}")
     _bench()
 
@@ -213,11 +216,13 @@ def main(argv=None) -> None:
     r.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     r.add_argument("--no-naive", dest="naive", action="store_false", help="skip the slow no-cache baseline")
     r.add_argument("--linear", choices=["onednn", "mkl"], default="onednn",
-                   help="our no-grad CPU matmuls: oneDNN (kernels.linear, default) or F.linear (MKL)")
+                   help="our CPU decode matmuls: oneDNN (kernels/cpu_decode.py, default) or F.linear (MKL)")
     r.add_argument("--decode-threads", choices=["serial", "all"], default="serial",
-                   help="our CPU decode loop: one thread except matmuls (kernels.threads, default), or all ops on all threads")
+                   help="our CPU decode loop: one thread except matmuls and long attention "
+                        "(kernels/cpu_decode.py, default), or all ops on all threads")
     r.set_defaults(fn=bench_rollout)
-    lin = sub.add_parser("linear", help="kernels.linear vs F.linear on the rollout model's decode matmuls (CPU)")
+    lin = sub.add_parser("linear", help="kernels.cpu_decode.linear vs F.linear on the rollout model's decode "
+                                        "matmuls (CPU)")
     lin.add_argument("--repeats", type=int, default=200)
     lin.set_defaults(fn=bench_linear)
     a = sub.add_parser("attention", help="Triton attention vs torch SDPA (GPU only)")

@@ -7,8 +7,9 @@ with rotary position embeddings (Su et al. 2021) -> RMSNorm -> SwiGLU MLP (Shaze
     Qwen3         : no bias; RMSNorm on each query and key head before RoPE; explicit head_dim.
     Llama-3       : no bias; `rope_scaling` of type "llama3" stretches the low rotary frequencies.
 Attention runs through `kernels.attention` (our Triton FlashAttention-2 kernel on CUDA, torch's
-SDPA elsewhere), or `kernels.prefix_attention` when the KV cache shares a prompt among rows; linear
-layers through `kernels.linear` (oneDNN's matmul for no-grad float32 forwards on x86 CPUs).
+SDPA elsewhere or without Triton), or `kernels.prefix_attention` when the KV cache shares a prompt
+among rows. Everything else is plain torch; the sampler's CPU fast paths are applied from outside,
+by `kernels.cpu_decode` around its prefill and decode loop.
 Checkpoints are read and written in the Hugging Face layout (config.json, *.safetensors, optional
 model.safetensors.index.json) and the same tensor names, so the
 transformers library and other HF-layout tools load what we save and we load what they save.
@@ -40,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import attention, linear, prefix_attention
+from kernels import attention, padding_mask, prefix_attention
 
 # --- config -----------------------------------------------------------------------------------
 
@@ -138,6 +139,7 @@ class ModelConfig:
 
 
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+MODEL_TYPES = tuple(ARCHITECTURES)
 
 # Named presets. "toy" is the embedded default (about 0.8M parameters with the toy's ~60-token
 # vocabulary); the others are the published shapes, for building a model to load weights into.
@@ -218,14 +220,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # --- layers -----------------------------------------------------------------------------------
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict names) whose forward is `kernels.linear`: oneDNN's
-    matmul on CPU when no gradient is needed (twice MKL's speed on the AMD CPU measured), else F.linear."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -248,7 +242,8 @@ class KVCache:
     Shared prefix (`share_prefix`): slots [0, prefix_len) are stored once per group of G consecutive
     rows, in `prefix_k`/`prefix_v` (P, Hkv, Tp, D) with their own left pads `prefix_start` (P,);
     `k`/`v` (B, Hkv, max_len - Tp, D) then hold only each row's later slots, and attention reads
-    both through `kernels.prefix_attention`.
+    both through `kernels.prefix_attention`, with the prompts' padding mask `prefix_mask`, built once
+    here instead of in every layer of every decode step.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32,
@@ -260,7 +255,7 @@ class KVCache:
         self.length = 0
         self.start = (torch.zeros(batch_size, dtype=torch.long, device=device) if start is None
                       else start.to(device=device, dtype=torch.long))  # (B,)
-        self.prefix_k = self.prefix_v = self.prefix_start = None     # set by share_prefix
+        self.prefix_k = self.prefix_v = self.prefix_start = self.prefix_mask = None  # set by share_prefix
         self.prefix_len, self.group = 0, 1
 
     @property
@@ -277,6 +272,7 @@ class KVCache:
         out.prefix_k = [k[:, :, :Tp].contiguous() for k in self.k]  # (P, Hkv, Tp, D)
         out.prefix_v = [v[:, :, :Tp].contiguous() for v in self.v]
         out.prefix_start, out.prefix_len, out.group = self.start, Tp, group
+        out.prefix_mask = padding_mask(self.start, Tp, self.k[0].dtype)  # (P, 1, 1, Tp) and no-key rows
         B, Hkv, S, D = self.k[0].shape
         out.k = [self.k[0].new_zeros(B * group, Hkv, S - Tp, D) for _ in self.k]  # (B * group, Hkv, S - Tp, D)
         out.v = [self.v[0].new_zeros(B * group, Hkv, S - Tp, D) for _ in self.v]
@@ -297,7 +293,7 @@ class KVCache:
             out.v = [torch.cat([pv.index_select(0, rows), v.index_select(0, index)], 2)
                      for pv, v in zip(self.prefix_v, self.v)]
         out.max_len, out.length, out.start = self.max_len, self.length, self.start.index_select(0, index)
-        out.prefix_k = out.prefix_v = out.prefix_start = None
+        out.prefix_k = out.prefix_v = out.prefix_start = out.prefix_mask = None
         out.prefix_len, out.group = 0, 1
         return out
 
@@ -319,8 +315,8 @@ class Attention(nn.Module):
         self.layer, self.H, self.Hkv, self.D = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # q, k and v projections as one matmul: the rows of qkv_proj are [q_proj; k_proj; v_proj]
         # (see FUSED). One (B*T, C) x (C, (H + 2Hkv) D) product instead of three small ones.
-        self.qkv_proj = Linear(cfg.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.H * self.D, cfg.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.H * self.D, cfg.hidden_size, bias=False)
         if cfg.qk_norm:  # Qwen3: normalise each head's q and k before the rotation
             self.q_norm = RMSNorm(self.D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.D, cfg.rms_norm_eps)
@@ -341,7 +337,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)        # (B, Hkv, S, D), S = cached + T
         if cache is not None and cache.prefix_k is not None:  # G rows read each cached prompt once
             y = prefix_attention(q, cache.prefix_k[self.layer], cache.prefix_v[self.layer],
-                                 cache.prefix_start, k, v)        # (B, H, 1, D)
+                                 cache.prefix_start, k, v, prefix_mask=cache.prefix_mask)  # (B, H, 1, D)
         else:
             y = attention(q, k, v, causal=True, kv_start=kv_start)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.H * self.D)    # (B, T, H*D)
@@ -354,8 +350,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
@@ -387,7 +383,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)  # (D/2,)

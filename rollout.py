@@ -38,10 +38,9 @@ Departures and choices:
   never on the prompt; a stop string split over more tokens than that window is missed.
 - top-k keeps every token tied with the k-th largest logit (no tie-breaking).
 - The longest prompt plus max_new_tokens must fit in the model's context (`cfg.max_seq_len`).
-- The decode loop runs on one CPU thread except for its matmuls and long attention
-  (`kernels.threads.serial`; a small batch's ops are too small to split over threads; on a GPU the
-  switch costs nothing and changes nothing), and CPU matmuls run through oneDNN (`kernels.linear`);
-  prefill keeps every thread.
+- On CPU, prefill and the decode loop run inside `kernels.cpu_decode.cpu_decode`: oneDNN's matmuls
+  and long attention on every thread, the rest on one (a small batch's ops are too small to split
+  over threads); on a GPU it changes nothing.
 - Runs under `torch.no_grad()`, not `inference_mode()`: tensors created under inference mode can
   never be saved for backward, yet the trainer feeds `input_ids` to an embedding, and FSDP2 would
   allocate its unsharded parameters here (as inference tensors, unusable for training after).
@@ -60,7 +59,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from kernels import threads
+from kernels.cpu_decode import cpu_decode
 
 FINISH_REASONS = ("length", "eos", "stop")  # code 0, 1, 2 in the per-row finish tensor
 # Compact the batch (copy the alive rows of the cache) once fewer than this fraction of rows is alive:
@@ -308,7 +307,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         prompt_ids, start = _left_pad(prompts, pad_token_id, device)    # (P, Tp), (P,)
         Tp = prompt_ids.shape[1]
         cache = model.new_cache(P, Tp + max_new_tokens - 1, start=start)  # the last token is never fed
-        logits = _last_logits(model, prompt_ids, cache)                    # (P, V)
+        with cpu_decode(model):  # prefill too: measured faster, see kernels/cpu_decode.py
+            logits = _last_logits(model, prompt_ids, cache)                # (P, V)
         expand = torch.arange(P, device=device).repeat_interleave(G)       # (N,) row -> prompt
         if G > 1:
             cache = cache.share_prefix(G)                                  # prompt slots stored once
@@ -322,7 +322,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         alive = torch.ones(N, dtype=torch.bool, device=device)  # (B,) rows whose completion is open
         texts = [[] for _ in range(N)] if stop else None  # host copies of the tokens for stop matching
         window = _stop_window(stop) if stop else 0
-        with threads.serial():  # CPU: one thread for a step's small ops, every thread for its matmuls
+        with cpu_decode(model):  # CPU: oneDNN matmuls on every thread, a step's small ops on one
             for t in range(max_new_tokens):
                 tok, lp = sample(logits, temperature, top_k, top_p, gen)      # (B,), (B,)
                 out_tokens[rows, t] = tok    # dead rows write too; their lengths stop counting

@@ -1,22 +1,29 @@
-"""kernels.attention (Triton and torch SDPA backends) against the float64 plain-torch reference.
+"""kernels.attention (Triton and torch SDPA backends) against the float64 plain-torch reference, and
+kernels.cpu_decode (the sampler's CPU fast paths) against the plain model.
 
-Without a GPU the Triton kernels run under the interpreter (set by kernels/attention.py), so every
-size here is tiny. With a GPU the same tests run the compiled kernels on CUDA tensors.
+Without a GPU the Triton kernels run under the interpreter (set by kernels/flash_attention.py), so
+every size here is tiny. With a GPU the same tests run the compiled kernels on CUDA tensors. Without
+the triton package only the torch backend is tested (and the error that asks for triton).
 """
 
 import importlib
+import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import attention, attention_reference
+from kernels import attention, attention_reference, cpu_decode as cpu_decode_module, padding_mask
 
 attention_module = importlib.import_module("kernels.attention")  # `kernels.attention` is the function
-linear_module = importlib.import_module("kernels.linear")  # likewise `kernels.linear`
+HAS_TRITON = attention_module._triton is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="the triton package is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "torch"] if HAS_TRITON else ["torch"]
 FP32_TOL = dict(atol=2e-5, rtol=1e-4)  # fp32 accumulation over <= 65 keys, compared with float64
 
 # name: (B, H, Hkv, Tq, Tk, D, causal, kv_start)
@@ -135,6 +142,7 @@ def test_chunked_prefill_equals_suffix_of_full_prefill(backend):
     torch.testing.assert_close(chunk, full[:, :, -5:], **FP32_TOL)
 
 
+@needs_triton
 def test_grad_of_sum_has_stride_zero_upstream_grad():
     # out.sum().backward() hands the kernel an expanded dO whose strides are all 0
     q, k, v, _ = _inputs(1, 2, 1, 17, 17, 16)
@@ -156,6 +164,7 @@ def _interpreter_bf16_dot_works():
     return bool((out.float() - attention_reference(q, k, v).float()).abs().max() < 0.1)
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(dtype):
     if dtype == torch.bfloat16 and not _interpreter_bf16_dot_works():
@@ -169,6 +178,7 @@ def test_half_precision(dtype):
     _assert_matches(got, _reference(q, k, v, do, **kw), atol=3e-2, rtol=3e-2)
 
 
+@needs_triton
 @settings(max_examples=20, deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 2), group=st.sampled_from([1, 2]), Tq=st.integers(1, 20),
        extra=st.integers(0, 20), D=st.sampled_from([16, 24, 32]), causal=st.booleans(), data=st.data())
@@ -195,7 +205,7 @@ def test_reference_matches_sdpa():
 
 def test_default_backend_and_errors():
     q, k, v, _ = _inputs(1, 4, 2, 5, 7, 16)
-    want = attention(q, k, v, backend="triton" if DEVICE == "cuda" else "torch")
+    want = attention(q, k, v, backend="triton" if DEVICE == "cuda" and HAS_TRITON else "torch")
     assert torch.equal(attention(q, k, v), want)
     with pytest.raises(ValueError, match="unknown attention backend"):
         attention(q, k, v, backend="cuda")
@@ -205,14 +215,43 @@ def test_default_backend_and_errors():
         attention(q[:, :3], k, v)
     with pytest.raises(ValueError, match="kv_start"):
         attention(q, k, v, kv_start=torch.zeros(3, dtype=torch.int64))
-    with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
-        attention(q.double(), k.double(), v.double(), backend="triton")
+    if HAS_TRITON:
+        with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
+            attention(q.double(), k.double(), v.double(), backend="triton")
 
 
+@needs_triton
 def test_interpreter_uses_one_small_config():
     # the CPU tests rely on this to stay fast; on a GPU the autotuner has the full list
+    flash = importlib.import_module("kernels.flash_attention")
     if DEVICE == "cpu":
-        assert len(attention_module._FWD_CONFIGS) == len(attention_module._BWD_CONFIGS) == 1
+        assert len(flash._FWD_CONFIGS) == len(flash._BWD_CONFIGS) == 1
+
+
+def test_model_and_sampler_run_without_triton():
+    """With triton missing (as on macOS or Windows), the model and the sampler import and run on SDPA,
+    and asking for the Triton backend says, in one line, what to install or pass instead."""
+    code = """
+import sys
+sys.modules["triton"] = None  # import triton now raises ImportError
+import torch
+import model, rollout
+from kernels import attention
+m = model.Transformer(model.preset("micro", vocab_size=50)).eval()
+r = rollout.generate(m, [[1, 2, 3], [4, 5]], 4, num_samples=2, seed=0)
+assert [len(t) for t in r.tokens] == [4] * 4
+q = torch.randn(1, 2, 3, 16)
+assert torch.isfinite(attention(q, q, q)).all()
+try:
+    attention(q, q, q, backend="triton")
+except ValueError as e:
+    print(e)
+"""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == ("attention backend 'triton' needs the triton package, which is not "
+                                  "installed: pip install triton, or pass backend='torch'")
 
 
 # --- prefix_attention: one decode step over a prompt shared by G rows -----------------------------
@@ -225,11 +264,12 @@ PREFIX_CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch", "torch-math"])
+@pytest.mark.parametrize("backend", BACKENDS + ["torch-math", "torch-kept-mask"])
 @pytest.mark.parametrize("case", list(PREFIX_CASES))
 def test_prefix_attention_matches_reference(case, backend, monkeypatch):
     """Equal to attention over each row's materialised [prefix; own] keys, on every path: Triton, the
-    CPU flash op with its log-sum-exp, and the explicit math used where that op is missing."""
+    CPU flash op with its log-sum-exp, the explicit math used where that op is missing, and with the
+    padding mask a KV cache keeps (`padding_mask`, built once per rollout) passed in."""
     P, G, H, Hkv, Tp, Tk, D, start = PREFIX_CASES[case]
     if backend == "torch-math":
         monkeypatch.setattr(attention_module, "_CPU_FLASH", None)
@@ -238,7 +278,8 @@ def test_prefix_attention_matches_reference(case, backend, monkeypatch):
     kp, vp = (torch.randn(P, Hkv, Tp, D, generator=g).to(DEVICE) for _ in range(2))  # (P, Hkv, Tp, D)
     k, v = (torch.randn(P * G, Hkv, Tk, D, generator=g).to(DEVICE) for _ in range(2))  # (N, Hkv, Tk, D)
     prefix_start = _kv_start(start)
-    out = attention_module.prefix_attention(q, kp, vp, prefix_start, k, v,
+    kept = padding_mask(prefix_start, Tp, q.dtype) if backend == "torch-kept-mask" else None
+    out = attention_module.prefix_attention(q, kp, vp, prefix_start, k, v, prefix_mask=kept,
                                             backend="triton" if backend == "triton" else "torch")
     k_full = torch.cat([kp.repeat_interleave(G, 0), k], 2)                          # (N, Hkv, Tp + Tk, D)
     v_full = torch.cat([vp.repeat_interleave(G, 0), v], 2)
@@ -255,24 +296,51 @@ def test_prefix_attention_errors():
         attention_module.prefix_attention(q, kp, vp, None, k, v)  # Tq = 2
 
 
-def test_mask_memo_follows_kv_start():
-    """The torch path builds its mask once per kv_start tensor; a new tensor or an in-place change
-    must rebuild it, never reuse a stale mask."""
-    q, k, v, _ = _inputs(2, 4, 2, 1, 9, 16)
-    kv = torch.tensor([0, 3], device=DEVICE)
-    for change in (None, "inplace", "new"):
-        if change == "inplace":
-            kv[0] = 5
-        elif change == "new":
-            kv = torch.tensor([2, 8], device=DEVICE)
-        got = attention(q, k, v, backend="torch", kv_start=kv)
-        want = attention_reference(q.double(), k.double(), v.double(), kv_start=kv)
+# name: (B, Tq, Tk, causal, kv_start)
+MASK_CASES = {
+    "decode": (3, 1, 9, True, [0, 3, 8]),
+    "decode_no_padding": (2, 1, 9, True, [0, 0]),
+    "decode_one_pad": (2, 1, 9, True, [0, 1]),
+    "noncausal": (2, 4, 9, False, [2, 5]),
+    "noncausal_no_key": (2, 4, 9, False, [0, 9]),
+    "causal_prefill": (2, 6, 6, True, [0, 4]),
+    "causal_chunk_no_key": (2, 3, 9, True, [1, 8]),  # row 0 of batch 1 sees keys <= 6 < 8: none
+    "causal_chunk_no_kv_start": (1, 3, 9, True, None),
+}
+
+
+@pytest.mark.parametrize("case", list(MASK_CASES))
+def test_sdpa_mask_equals_visible(case):
+    """The SDPA path's mask, built in each call (no cache of masks, (B, 1, 1, Tk) where every row sees
+    the same keys): broadcast to (B, 1, Tq, Tk) it is `_visible`, the reference's mask, except on rows
+    that see no key, which see every key and are flagged in no_key; the additive form has 0 / -inf on
+    the same entries; `padding_mask`, which a KV cache keeps for its shared prompt, is the same."""
+    B, Tq, Tk, causal, start = MASK_CASES[case]
+    kv_start, device = _kv_start(start), torch.device(DEVICE)
+    visible = attention_module._visible(B, Tq, Tk, causal, kv_start, device)   # (B, 1, Tq, Tk)
+    empty = ~visible.any(-1, keepdim=True)                                      # (B, 1, Tq, 1)
+    for dtype in (torch.bool, torch.float32):
+        mask, no_key = attention_module._sdpa_mask(B, Tq, Tk, causal, kv_start, device, dtype)
+        if mask is None:  # on CPU: nothing to mask
+            assert DEVICE == "cpu" and visible.all() and no_key is None
+            continue
+        want = visible | empty
+        got = mask.expand(B, 1, Tq, Tk)
+        assert torch.equal(got, want if dtype == torch.bool else torch.where(want, 0.0, -math.inf))
+        assert torch.equal(empty, torch.zeros_like(empty) if no_key is None else no_key.expand_as(empty))
+        if not causal or Tq == 1:
+            kept = padding_mask(kv_start, Tk, dtype)
+            assert torch.equal(kept[0], mask) and (kept[1] is None) == (no_key is None)
+    if kv_start is not None:  # and attention through it
+        q, k, v, _ = _inputs(B, 4, 2, Tq, Tk, 16)
+        got = attention(q, k, v, causal=causal, backend="torch", kv_start=kv_start)
+        want = attention_reference(q.double(), k.double(), v.double(), causal=causal, kv_start=kv_start)
         torch.testing.assert_close(got.double(), want, **FP32_TOL)
 
 
-# --- kernels.threads: one CPU thread for a decode loop's small ops, every thread for its big ones ----
+# --- kernels.cpu_decode: the sampler's CPU fast paths, inside one context manager ----------------
 
-threads_module = importlib.import_module("kernels.threads")
+cd = cpu_decode_module
 
 
 @pytest.fixture
@@ -292,66 +360,79 @@ def _spy(seen, fn):
     return wrapped
 
 
+def _toy(**overrides):
+    from model import Transformer, preset
+    torch.manual_seed(0)
+    return Transformer(preset("toy", vocab_size=64, **overrides)).eval()
+
+
 def test_serial_and_parallel_blocks(two_threads, monkeypatch):
     """serial() runs on one thread and restores the count, also on an exception; parallel() inside it
-    gets every thread back (nested too), outside it does nothing; a nested serial() is a no-op, and so is every
-    serial() with the SERIAL switch off."""
-    with threads_module.parallel():
+    gets every thread back (nested too), outside it does nothing; a nested serial() is a no-op, and so
+    is every serial() with the SERIAL switch off."""
+    with cd.parallel():
         assert torch.get_num_threads() == 2
-    with threads_module.serial():
+    with cd.serial():
         assert torch.get_num_threads() == 1
-        with threads_module.parallel():
+        with cd.parallel():
             assert torch.get_num_threads() == 2
-            with threads_module.parallel():
+            with cd.parallel():
                 assert torch.get_num_threads() == 2
             assert torch.get_num_threads() == 2  # a nested parallel() restores what it found
-        with threads_module.parallel(active=False):
+        with cd.parallel(active=False):
             assert torch.get_num_threads() == 1
-        with threads_module.serial():
+        with cd.serial():
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == 2
-    with pytest.raises(ZeroDivisionError), threads_module.serial():
-        with threads_module.parallel():
+    with pytest.raises(ZeroDivisionError), cd.serial():
+        with cd.parallel():
             1 / 0
     assert torch.get_num_threads() == 2
-    monkeypatch.setattr(threads_module, "SERIAL", False)
-    with threads_module.serial():
+    monkeypatch.setattr(cd, "SERIAL", False)
+    with cd.serial():
         assert torch.get_num_threads() == 2
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="thread scheduling of torch's CPU attention")
-@pytest.mark.parametrize("Tk", [5, 255, 256])
-def test_decode_attention_threads(Tk, two_threads, monkeypatch):
-    """Inside serial(), attention over fewer than PARALLEL_MIN_KEYS keys runs on one thread (both
-    `prefix_attention` calls and a decode step without a shared prefix), longer keys on every thread;
-    outside serial() every call keeps every thread."""
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("keys", [5, 255, 256])
+def test_decode_attention_threads(keys, shared, two_threads, monkeypatch):
+    """Inside cpu_decode(model), a decode step whose attention reads fewer than PARALLEL_MIN_KEYS keys
+    runs it on one thread (both `prefix_attention` calls over a shared prompt, or SDPA over a plain
+    cache), one reading more on every thread; outside it every call keeps every thread."""
+    m = _toy(num_layers=1, max_seq_len=300)
     seen = []
     monkeypatch.setattr(attention_module, "_CPU_FLASH", _spy(seen, attention_module._CPU_FLASH))
     monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
                         _spy(seen, attention_module.F.scaled_dot_product_attention))
-    q, k, v, _ = _inputs(4, 4, 2, 1, Tk, 16)
-    kp, vp = k[:2, :, :7], v[:2, :, :7]                       # (P, Hkv, Tp, D): 2 prompts, G = 2
-    with threads_module.serial():
-        attention_module.prefix_attention(q, kp, vp, None, k, v)  # prefix part (7 keys), then own part
-        attention(q, k, v, backend="torch")
-    attention(q, k, v, backend="torch")
-    wide = 2 if Tk >= threads_module.PARALLEL_MIN_KEYS else 1
-    assert seen == [1, wide, wide, 2]
+    with torch.no_grad():
+        for inside in (True, False):
+            # shared: a prompt of `keys` tokens read by 2 samples (+1 own key each); plain: keys - 1 cached
+            cache = m.new_cache(2, keys + 1, start=torch.tensor([0, 2]))
+            m(torch.randint(0, 64, (2, keys if shared else keys - 1)), cache=cache)
+            if shared:
+                cache = cache.share_prefix(2)
+            seen.clear()
+            with cd.cpu_decode(m) if inside else torch.no_grad():
+                m(torch.randint(0, 64, (cache.batch_size, 1)), cache=cache)
+            wide = 2 if keys >= cd.PARALLEL_MIN_KEYS or not inside else 1
+            assert seen == [wide] * (2 if shared else 1)
 
 
-def test_linear_gets_every_thread_inside_serial(two_threads, monkeypatch):
+def test_linear_gets_every_thread_inside_cpu_decode(two_threads, monkeypatch):
+    """Inside cpu_decode, a linear layer runs on every thread, on oneDNN (several rows) or F.linear
+    (one row); the block's other ops run on one."""
     mkl, onednn = [], []
     monkeypatch.setattr(torch.nn.functional, "linear", _spy(mkl, torch.nn.functional.linear))
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", _spy(onednn, torch.ops.mkldnn._linear_pointwise))
-    x, w = torch.randn(4, 8), torch.randn(3, 8)
-    with torch.no_grad(), threads_module.serial():
-        linear_module.linear(x, w)       # oneDNN where available
-        linear_module.linear(x[:1], w)   # one row: F.linear
-    assert (mkl, onednn) == (([2], [2]) if linear_module._AVAILABLE else ([2, 2], []))
+    layer, x = torch.nn.Linear(8, 3), torch.randn(4, 8)
+    with torch.no_grad(), cd.cpu_decode(layer):
+        layer(x)        # oneDNN where available
+        layer(x[:1])    # one row: F.linear
+        assert torch.get_num_threads() == 1
+    assert (mkl, onednn) == (([2], [2]) if cd._AVAILABLE else ([2, 2], []))
 
-
-# --- kernels.linear: oneDNN's matmul for no-grad float32 forwards on CPU ---------------------------
 
 # name: (x shape, out features, bias: None / "dense" / "strided", transpose x)
 LINEAR_CASES = {
@@ -367,9 +448,12 @@ LINEAR_CASES = {
 @pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("case", list(LINEAR_CASES))
 def test_linear_matches_reference(case, onednn, monkeypatch):
-    """`linear` equals the float64 product in every mode (oneDNN on/off, bias, 2-D/3-D, strided x, one
-    row), takes oneDNN's path exactly where documented, and under autograd is F.linear with its grads."""
-    monkeypatch.setattr(linear_module, "ONEDNN", onednn)
+    """`linear`, and an nn.Linear inside cpu_decode, equal the float64 product in every mode (oneDNN
+    on/off, bias, 2-D/3-D, strided x, one row), take oneDNN's path exactly where documented, and under
+    autograd are F.linear with its grads."""
+    monkeypatch.setattr(cd, "ONEDNN", onednn)
+    calls = []
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", _spy(calls, torch.ops.mkldnn._linear_pointwise))
     shape, out_f, bias, transpose = LINEAR_CASES[case]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g)
@@ -379,16 +463,24 @@ def test_linear_matches_reference(case, onednn, monkeypatch):
     b = {None: None, "dense": torch.randn(out_f, generator=g),
          "strided": torch.randn(2 * out_f, generator=g)[::2]}[bias]
     want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    layer = torch.nn.Linear(shape[-1], out_f, bias=b is not None)
     with torch.no_grad():
-        got = linear_module.linear(x, w, b)
-        fast = linear_module.uses_onednn(x, w)
-    assert fast == (onednn and linear_module._AVAILABLE and x.numel() > x.shape[-1])
-    assert got.shape == want.shape and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+        layer.weight.copy_(w)
+        if b is not None:
+            layer.bias.copy_(b)
+        got = cd.linear(x, w, b)
+        fast = cd.uses_onednn(x, w)
+        with cd.cpu_decode(layer):
+            got_layer = layer(x)
+    assert fast == (onednn and cd._AVAILABLE and x.numel() > x.shape[-1])
+    assert len(calls) == 2 * fast                                 # `linear`, then the layer
+    for out in (got, got_layer):
+        assert out.shape == want.shape and out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
 
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-    assert not linear_module.uses_onednn(xg, wg)                 # autograd on: F.linear and its backward
-    linear_module.linear(xg, wg, b).sum().backward()
+    assert not cd.uses_onednn(xg, wg)                             # autograd on: F.linear and its backward
+    cd.linear(xg, wg, b).sum().backward()
     ones = torch.ones(*shape[:-1], out_f, dtype=torch.float64)
     tol = dict(atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(xg.grad.double(), ones @ w.double(), **tol)
@@ -399,30 +491,47 @@ def test_linear_other_dtypes_devices_and_modes_take_f_linear():
     """bf16/float64/CUDA inputs, CPU autocast (its output dtype is autocast's) and zero input
     features (F.linear gives zeros, oneDNN would refuse) all take F.linear."""
     with torch.no_grad():
-        assert not linear_module.uses_onednn(torch.randn(4, 8, dtype=torch.bfloat16),
-                                             torch.randn(3, 8, dtype=torch.bfloat16))
-        assert not linear_module.uses_onednn(torch.randn(4, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64))
+        assert not cd.uses_onednn(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(3, 8, dtype=torch.bfloat16))
+        assert not cd.uses_onednn(torch.randn(4, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64))
         if torch.cuda.is_available():
-            assert not linear_module.uses_onednn(torch.randn(4, 8, device="cuda"), torch.randn(3, 8, device="cuda"))
+            assert not cd.uses_onednn(torch.randn(4, 8, device="cuda"), torch.randn(3, 8, device="cuda"))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert linear_module.linear(torch.randn(4, 8), torch.randn(3, 8)).dtype == torch.bfloat16
-        assert torch.equal(linear_module.linear(torch.randn(4, 0), torch.randn(3, 0)), torch.zeros(4, 3))
+            assert cd.linear(torch.randn(4, 8), torch.randn(3, 8)).dtype == torch.bfloat16
+        assert torch.equal(cd.linear(torch.randn(4, 0), torch.randn(3, 0)), torch.zeros(4, 3))
 
 
-def test_model_no_grad_forward_same_with_and_without_onednn(monkeypatch):
-    """The model's no-grad logits (what the sampler and the reference model compute) agree with the
-    fast path on and off to float32 rounding (they are not bitwise equal at the toy's width), and
-    every linear layer takes the fast path where it exists."""
-    from model import Transformer, preset
+def _forwards_are_the_class_ones(model):
+    return all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_cpu_decode_logits_equal_the_plain_model_and_restore_it(two_threads, monkeypatch):
+    """Inside cpu_decode the model's no-grad logits (what the sampler computes) equal the plain model's
+    to float32 rounding (not bitwise at the toy's width), every linear layer takes oneDNN where it
+    exists, on a cache too; after the block, also one left by an exception, every module's forward
+    is its class's again and the thread count is the caller's."""
     calls = []
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", _spy(calls, torch.ops.mkldnn._linear_pointwise))
-    torch.manual_seed(0)
-    model = Transformer(preset("toy", vocab_size=64))
+    m = _toy()
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        fast = model(ids)
-        monkeypatch.setattr(linear_module, "ONEDNN", False)
-        slow = model(ids)
-    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())  # 4 per block + lm_head
-    assert len(calls) == (n_linear if linear_module._AVAILABLE else 0)
-    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+        plain = m(ids)
+        assert calls == []
+        with cd.cpu_decode(m) as same:
+            fast = m(ids)
+            assert same is m and not _forwards_are_the_class_ones(m)
+        n_linear = sum(isinstance(x, torch.nn.Linear) for x in m.modules())  # 4 per block + lm_head
+        assert calls == ([2] * n_linear if cd._AVAILABLE else [])
+        torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+        assert _forwards_are_the_class_ones(m) and torch.equal(m(ids), plain)
+        with pytest.raises(RuntimeError, match="mid-block"), cd.cpu_decode(m):
+            m(ids)
+            raise RuntimeError("mid-block")
+    assert _forwards_are_the_class_ones(m) and torch.get_num_threads() == 2
+
+
+def test_cpu_decode_does_nothing_off_cpu(monkeypatch):
+    """A model that is not on a CPU (here on the meta device; a GPU model alike) is left alone."""
+    with torch.device("meta"):
+        m = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with cd.cpu_decode(m):
+        assert _forwards_are_the_class_ones(m)

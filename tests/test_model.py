@@ -148,6 +148,26 @@ def test_shared_prefix_cache_equals_copied_rows(family):
     assert shared.length == copied.length == 11
 
 
+def test_plain_model_never_calls_onednn(monkeypatch):
+    """The model is plain torch: its linear layers are nn.Linear, and outside the sampler's
+    `kernels.cpu_decode` block no forward (no-grad, training, with a KV cache) calls oneDNN's private
+    matmul op; the CPU fast paths live in that one block."""
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(4)
+    m = Transformer(preset("toy", vocab_size=50, num_layers=2)).eval()
+    assert all(type(x) is torch.nn.Linear for x in m.modules() if isinstance(x, torch.nn.Linear))
+    ids = torch.randint(0, 50, (4, 12))
+    with torch.no_grad():
+        m(ids, kv_start=torch.tensor([0, 2, 5, 0]))
+        cache = m.new_cache(4, 16)
+        m(ids, cache=cache)
+        m(ids[:, :1], cache=cache)
+    m(ids).sum().backward()
+    assert calls == []
+
+
 def test_presets_and_param_count():
     m = Transformer(preset("toy", vocab_size=64))
     assert 0.5e6 < m.num_params() < 1.5e6

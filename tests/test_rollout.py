@@ -239,7 +239,7 @@ def test_stop_strings_end_a_sample():
 
 
 def test_decode_loop_runs_on_one_thread_and_restores_the_count():
-    """The decode loop runs inside kernels.threads.serial() (one thread for its small ops) and the
+    """The decode loop runs inside kernels.cpu_decode's block (one thread for its small ops) and the
     caller's thread count is back after generate returns, or raises mid-loop."""
     m, seen = toy(), []
 
@@ -349,16 +349,14 @@ def test_fsdp2_rollout_equals_unsharded_and_gathers_once(monkeypatch):
 @pytest.mark.parametrize("switches", [[], ["--linear", "mkl", "--decode-threads", "all"]])
 def test_bench_rollout_smoke(switches, capsys):
     pytest.importorskip("transformers")
-    import importlib
-
     import bench
-    lin, thr = importlib.import_module("kernels.linear"), importlib.import_module("kernels.threads")
+    from kernels import cpu_decode
     bench.main(["rollout", "--prompts", "2", "--samples", "2", "--new-tokens", "3", "--repeats", "1", "--no-naive",
                 *switches])
     out = capsys.readouterr().out
     assert "transformers generate" in out and "batch scaling" in out and "machine:" in out
     assert ("--linear mkl --decode-threads all" in out) == bool(switches)
-    assert lin.ONEDNN and thr.SERIAL  # the flags' settings do not outlive the benchmark
+    assert cpu_decode.ONEDNN and cpu_decode.SERIAL  # the flags' settings do not outlive the benchmark
 
 
 
