@@ -1,4 +1,4 @@
-"""GRPO: group-relative advantages, the clipped policy loss with a per-token KL, and the RL step.
+"""GRPO: group-relative advantages, the clipped policy loss with a per-token KL, and the RL loop.
 
 Papers:
 - DeepSeekMath (Shao et al. 2024), §4.1 GRPO: eq. 3 is the objective (clipped surrogate averaged
@@ -35,13 +35,13 @@ Departures and choices:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, Iterator
 
 import torch
 
-from rewards import combine_rewards
+from optim import clip_and_step, set_lr, warmup_lr
 from rollout import concat_groups, gathered_weights, generate, token_logprobs
-from sft import clip_and_step
 
 ADV_SCALES = ("std", "none")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -52,26 +52,31 @@ AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 @dataclass(frozen=True)
 class LossConfig:
+    """The loss's settings. Its defaults are the "grpo" preset; `loss_preset` starts from another."""
     # "std": (r - mean) / (std + eps), DeepSeekMath §4.1.2; "none": r - mean, Dr. GRPO.
-    adv_scale: str = "std"
+    adv_scale: str = field(default="std", metadata={"help": "advantage scaling: std (GRPO) | none (Dr. GRPO)"})
     # Clip range of the ratio: [1 - clip_low, 1 + clip_high]. PPO's 0.2 (Schulman et al. 2017);
     # DAPO §3.1 raises clip_high to 0.28 so low-probability tokens can grow (clip-higher).
-    clip_low: float = 0.2
-    clip_high: float = 0.2
+    clip_low: float = field(default=0.2, metadata={"help": "the ratio is clipped below at 1 - clip_low"})
+    clip_high: float = field(default=0.2, metadata={"help": "the ratio is clipped above at 1 + clip_high"})
     # beta of DeepSeekMath eq. 3; 0.04 is DeepSeekMath §4.2's value. 0 removes the KL term.
-    kl_coef: float = 0.04
+    kl_coef: float = field(default=0.04, metadata={"help": "beta of the KL term to the reference policy (0: none)"})
     # "k1" | "k2" | "k3" (Schulman's blog); DeepSeekMath eq. 4 is k3.
-    kl_estimator: str = "k3"
+    kl_estimator: str = field(default="k3", metadata={"help": "KL estimator: k1 | k2 | k3 (DeepSeekMath eq. 4)"})
     # How token losses become one number; see `aggregate`. GRPO: seq_mean_token_mean.
-    agg: str = "seq_mean_token_mean"
+    agg: str = field(default="seq_mean_token_mean",
+                     metadata={"help": "token_mean (DAPO) | seq_mean_token_mean (GRPO) | "
+                                       "seq_mean_token_sum_norm (Dr. GRPO)"})
     # DAPO §3.2: drop (and refill) groups whose rewards are all equal; see `informative_groups`.
-    dynamic_sampling: bool = False
+    dynamic_sampling: bool = field(default=False, metadata={"help": "DAPO: replace groups whose rewards "
+                                                                    "are all equal"})
     # DAPO §3.4 soft overlong punishment: buffer as a fraction of the generation budget
     # (max_new_tokens), so one preset fits any budget. DAPO: L_cache / L_max = 4096 / 20480 = 0.2.
     # 0 = off. The RL step passes buffer = int(overlong_buffer_frac * max_new_tokens) tokens.
-    overlong_buffer_frac: float = 0.0
+    overlong_buffer_frac: float = field(default=0.0, metadata={"help": "DAPO soft overlong penalty over the "
+                                                                       "last fraction of max_new_tokens (0: off)"})
     # The largest penalty, reached at max_new_tokens; DAPO uses 1 (the scale of its +-1 reward).
-    overlong_penalty: float = 1.0
+    overlong_penalty: float = field(default=1.0, metadata={"help": "the overlong penalty at max_new_tokens"})
 
     def __post_init__(self):
         for name, value, choices in (("adv_scale", self.adv_scale, ADV_SCALES),
@@ -285,29 +290,43 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
     return loss, dict(zip(stats, values))  # one device sync for all stats
 
 
-# --- the RL step ------------------------------------------------------------------------------
-# DeepSeekMath Algorithm 1's inner loop: sample G outputs per prompt, score them, then mu passes
-# of policy updates over minibatches with pi_old fixed. Distributed details stay in train.py: the
-# step only receives `world` and an `all_reduce(float) -> float` for the global counts.
+# --- the RL loop ------------------------------------------------------------------------------
+# DeepSeekMath Algorithm 1: each step samples G outputs per prompt from the current policy, scores
+# them with a reward function, and takes mu passes of policy updates over minibatches with pi_old
+# fixed. Distributed details stay with the caller: a step only receives `world` and an
+# `all_reduce(float) -> float` for the global counts.
+
+# A reward function: (completions, samples) -> (rewards, components). samples[i] is the task's
+# sample dict for completions[i] (its prompt, gold answer, ...); rewards[i] is a float; components
+# maps a name to the values to log for it (any number of them; their mean is logged as
+# "reward/<name>", averaged over ranks, so every rank must return the same names).
+RewardFn = Callable[[list[str], list[dict]], tuple[list[float], dict[str, list[float]]]]
+
+
 @dataclass
 class GRPOConfig:
     """Settings of the RL loop; the loss itself is `LossConfig` (preset + per-field overrides)."""
-    steps: int = 80                 # RL steps (one rollout batch each)
-    prompts_per_step: int = 32      # P: prompts per step, global over ranks (DeepSeekMath: 1024)
-    group_size: int = 8             # G: samples per prompt (DeepSeekMath: 64; R1 report: 16)
-    max_new_tokens: int = 80        # generation budget per sample (the toy's worked answers: ~45)
-    temperature: float = 1.0        # sampling temperature; logprobs are of the tempered policy
-    top_p: float = 1.0              # nucleus sampling (1 = off; GRPO samples the full policy)
-    mu: int = 1                     # policy passes over each rollout batch (DeepSeekMath's mu)
-    minibatches: int = 1            # optimizer steps per pass; 1 with mu=1 is strictly on-policy
-    micro_batch: int = 128          # sequences per forward/backward (memory knob only)
-    lr: float = 1e-4                # AdamW learning rate (constant after warm-up); on the toy 3e-4
-                                    # and above wrecked the arithmetic faster than RL could help it
-    warmup: int = 3                 # linear warm-up steps
-    weight_decay: float = 0.0       # AdamW decoupled weight decay
-    max_grad_norm: float = 1.0      # global gradient-norm clip
-    loss: str = "grpo"              # LossConfig preset: grpo | dr_grpo | dapo
-    max_refill: int = 2             # dynamic sampling: extra rollout rounds to replace flat groups
+    steps: int = field(default=80, metadata={"help": "optimizer steps (RL: one rollout batch each)"})
+    # DeepSeekMath: 1024
+    prompts_per_step: int = field(default=32, metadata={"help": "P: prompts per RL step (global, over ranks)"})
+    # DeepSeekMath: 64; the R1 report: 16
+    group_size: int = field(default=8, metadata={"help": "G: samples per prompt (the group)"})
+    # the toy's worked answers are about 45 tokens
+    max_new_tokens: int = field(default=80, metadata={"help": "generation budget per sample (tokens)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; logprobs are the "
+                                                              "tempered policy's"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1: off, the full policy)"})
+    mu: int = field(default=1, metadata={"help": "policy passes over each rollout batch (DeepSeekMath's mu)"})
+    minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass (1 with mu 1: on-policy)"})
+    micro_batch: int = field(default=128, metadata={"help": "sequences per forward/backward (memory only)"})
+    # on the toy, 3e-4 and above wrecked the arithmetic faster than RL could help it
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (RL: constant after warm-up)"})
+    warmup: int = field(default=3, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient L2 norm to this"})
+    loss: str = field(default="grpo", metadata={"help": "loss preset: grpo | dr_grpo | dapo (LOSS_PRESETS)"})
+    max_refill: int = field(default=2, metadata={"help": "dynamic sampling: extra rollout rounds to replace "
+                                                         "groups with equal rewards"})
 
 
 def sequence_logprobs(model, input_ids, kv_start, temperature: float, micro_batch: int):
@@ -319,32 +338,38 @@ def sequence_logprobs(model, input_ids, kv_start, temperature: float, micro_batc
     return torch.cat(outs)                                                     # (N, L)
 
 
-def score_rollout(texts: list[str], samples: list[dict], G: int, weights: dict) -> tuple[torch.Tensor, dict]:
-    """Rewards (P, G) and per-component means for completions in prompt-major order."""
-    totals, comps = [], {}
-    for i, text in enumerate(texts):
-        s = samples[i // G]
-        r, parts = combine_rewards(text, s["prompt"], s, weights)
-        totals.append(r)
-        for k, v in parts.items():
-            comps.setdefault(k, []).append(v)
-    return torch.tensor(totals).view(-1, G), {k: sum(v) / len(v) for k, v in comps.items()}
+def train_rl(policy, ref, tok, draw_prompts: Callable[[int], list[dict]], reward_fn: RewardFn,
+             cfg: GRPOConfig, lcfg: LossConfig, optimizer, *, start: int = 0, seed: int = 0, rank: int = 0,
+             world: int = 1, all_reduce=None) -> Iterator[dict]:
+    """GRPO (DeepSeekMath Algorithm 1) from step `start` to `cfg.steps`: yields each step's stats.
+
+    policy: the model trained; ref: the frozen reference policy (None without a KL term). tok:
+    encode/decode/eos_ids/pad_id. draw_prompts(n) -> this rank's next n sample dicts. reward_fn:
+    see `RewardFn`. The learning rate warms up linearly, then stays constant. Each step's rollout
+    seed is a function of (seed, step, rank), so a run resumed at `start` samples what the
+    uninterrupted run did. The caller logs, evaluates and checkpoints between steps (runtime.fit).
+    """
+    for step in range(start, cfg.steps):
+        row = rl_step(policy, ref, tok, draw_prompts, reward_fn, cfg, lcfg, optimizer,
+                      lr=warmup_lr(step, cfg.lr, cfg.warmup), seed=(seed * 100_003 + step) * 64 + rank,
+                      world=world, all_reduce=all_reduce)
+        row["gen_tok_per_s"] = row["gen_tokens"] / max(row["gen_time"], 1e-9)
+        # completion tokens trained on per second (each of the mu passes counts)
+        row["train_tok_per_s"] = row["gen_tokens"] * cfg.mu / max(row["train_time"], 1e-9)
+        yield row
 
 
-def rl_step(policy, ref, tok, draw_prompts, cfg: GRPOConfig, lcfg: LossConfig, weights: dict,
-            optimizer, lr: float, seed: int, world: int = 1, all_reduce=None, scorer=None) -> dict:
+def rl_step(policy, ref, tok, draw_prompts, reward_fn: RewardFn, cfg: GRPOConfig, lcfg: LossConfig,
+            optimizer, lr: float, seed: int, world: int = 1, all_reduce=None) -> dict:
     """One GRPO step (DeepSeekMath Algorithm 1, inner loop) on this rank's share of prompts.
 
-    draw_prompts(n) -> this rank's next n sample dicts. Sampling, scoring and advantages are local
-    (whole groups live on one rank); `policy_update` then sums token and sequence counts over ranks
-    with `all_reduce`, so the update equals the single-process update on the same global batch.
-    scorer(texts, samples, G) -> (rewards (P, G), {component: mean}) replaces the rule rewards
-    (`score_rollout` with `weights`), e.g. for R1 stage 4's reward-model reward on general prompts;
-    its components must have the same names on every rank (they are averaged over ranks).
+    Sampling, scoring and advantages are local (whole groups live on one rank); `policy_update`
+    then sums token and sequence counts over ranks with `all_reduce`, so the update equals the
+    single-process update on the same global batch.
     """
     t0 = time.perf_counter()
-    batch, info = collect(policy, ref, tok, draw_prompts, cfg.prompts_per_step // world, cfg, lcfg,
-                          weights, seed, scorer)
+    batch, info = collect(policy, ref, tok, draw_prompts, cfg.prompts_per_step // world, reward_fn, cfg, lcfg,
+                          seed)
     gen_time = time.perf_counter() - t0
     t1 = time.perf_counter()
     stats = policy_update(policy, batch, cfg, lcfg, optimizer, lr, world, all_reduce)
@@ -365,13 +390,14 @@ class Batch:
     advantages: torch.Tensor            # (N,)
 
 
-def collect(policy, ref, tok, draw_prompts, n_prompts: int, cfg: GRPOConfig, lcfg: LossConfig,
-            weights: dict, seed: int, scorer=None) -> tuple[Batch, dict]:
-    """Sample G completions for each of `n_prompts` prompts (this rank's P / world), score them, and compute advantages (and the
-    old/ref logprobs the loss holds fixed). Returns the Batch and rollout statistics."""
+def collect(policy, ref, tok, draw_prompts, n_prompts: int, reward_fn: RewardFn, cfg: GRPOConfig,
+            lcfg: LossConfig, seed: int) -> tuple[Batch, dict]:
+    """Sample G completions for each of `n_prompts` prompts (this rank's P / world), score them with
+    `reward_fn`, compute advantages and the old/ref logprobs the loss holds fixed. Returns the Batch
+    and rollout statistics."""
     G, P = cfg.group_size, n_prompts
     samples = draw_prompts(P)
-    roll, rewards, comps = _sample_and_score(policy, tok, samples, cfg, lcfg, weights, seed, scorer)
+    roll, rewards, comps = _sample_and_score(policy, tok, samples, reward_fn, cfg, lcfg, seed)
     n_drawn = P
     if lcfg.dynamic_sampling:  # DAPO section 3.2: replace groups whose rewards are all equal
         for rnd in range(cfg.max_refill):
@@ -380,8 +406,7 @@ def collect(policy, ref, tok, draw_prompts, n_prompts: int, cfg: GRPOConfig, lcf
                 break
             extra = draw_prompts(int((~keep).sum()))
             n_drawn += len(extra)
-            r2, rew2, _ = _sample_and_score(policy, tok, extra, cfg, lcfg, weights, seed + 7919 * (rnd + 1),
-                                            scorer)
+            r2, rew2, _ = _sample_and_score(policy, tok, extra, reward_fn, cfg, lcfg, seed + 7919 * (rnd + 1))
             kept = keep.nonzero().flatten().tolist()
             roll = concat_groups([(roll, kept), (r2, list(range(len(extra))))], G, tok.pad_id)
             rewards = torch.cat([rewards[kept], rew2])                            # (P, G)
@@ -389,10 +414,10 @@ def collect(policy, ref, tok, draw_prompts, n_prompts: int, cfg: GRPOConfig, lcf
     ids, start = roll.input_ids, roll.kv_start                                   # (N, L), (N,)
     old = roll.old_logprobs                                                      # (N, L)
     if cfg.mu > 1 or cfg.minibatches > 1 or ids.device.type != "cpu":
-        # Off-policy passes, or bf16 on GPU: take pi_old from the trainer's own forward so the
-        # first ratio is 1 (exactly on GPU; on CPU to float32 rounding, ~1e-6, because no-grad
-        # matmuls run on oneDNN and the update's on MKL, see kernels/linear.py). On CPU in fp32
-        # the sampler's logprobs already match it to 1e-4: tests/test_rollout.py checks that.
+        # Off-policy passes, or bf16 on GPU: take pi_old from the trainer's own forward, so the
+        # first pass starts at ratio 1. On CPU in fp32 the sampler's logprobs match it to 1e-4
+        # (float32 rounding: its decode loop's matmuls run on oneDNN, kernels/cpu_decode.py), which
+        # tests/test_rollout.py checks, so they are used as they are.
         with torch.no_grad():
             old = sequence_logprobs(policy, ids, start, cfg.temperature, cfg.micro_batch)
     ref_lp = None
@@ -418,8 +443,7 @@ def policy_update(policy, b: Batch, cfg: GRPOConfig, lcfg: LossConfig, optimizer
     N = b.input_ids.shape[0]
     mb = -(-N // cfg.minibatches)
     acc, n_tok, grad_norm = {}, 0.0, 0.0
-    for g in optimizer.param_groups:
-        g["lr"] = lr
+    set_lr(optimizer, lr)
     for _ in range(cfg.mu):
         for lo in range(0, N, mb):
             hi = min(lo + mb, N)
@@ -453,17 +477,17 @@ def _sum(x: float, all_reduce) -> float:
     return all_reduce(x) if all_reduce is not None else x
 
 
-def _sample_and_score(policy, tok, samples, cfg, lcfg, weights, seed, scorer=None):
+def _sample_and_score(policy, tok, samples, reward_fn: RewardFn, cfg: GRPOConfig, lcfg: LossConfig, seed: int):
+    """G completions of each sample's prompt, their rewards (P, G) and the mean of each component."""
+    G = cfg.group_size
     prompts = [tok.encode(s["prompt"]) for s in samples]
     with gathered_weights(policy):
         roll = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                        num_samples=cfg.group_size, eos_token_id=tok.eos_ids, seed=seed,
-                        pad_token_id=tok.pad_id)
+                        num_samples=G, eos_token_id=tok.eos_ids, seed=seed, pad_token_id=tok.pad_id)
     texts = [tok.decode([t for t in toks if t not in tok.eos_ids]) for toks in roll.tokens]
-    if scorer is None:
-        rewards, comps = score_rollout(texts, samples, cfg.group_size, weights)   # (P, G)
-    else:
-        rewards, comps = scorer(texts, samples, cfg.group_size)                   # (P, G)
+    values, parts = reward_fn(texts, [samples[i // G] for i in range(len(texts))])
+    rewards = torch.tensor(values, dtype=torch.float32).view(-1, G)               # (P, G)
+    comps = {k: sum(v) / len(v) for k, v in parts.items() if len(v)}
     if lcfg.overlong_buffer_frac > 0:  # DAPO §3.4: soft penalty near the generation budget
         buf = max(1, int(lcfg.overlong_buffer_frac * cfg.max_new_tokens))
         pen = overlong_penalty(roll.lengths.float(), cfg.max_new_tokens, buf, lcfg.overlong_penalty)

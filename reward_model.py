@@ -13,14 +13,8 @@ of prompt + response + eos: the end-of-sequence token is the one position that h
 the whole response. `score_texts` appends the eos to every response, cut off by the length limit
 or not; what an unfinished response is worth is the RL stage's decision, not this model's.
 
-Checkpoint layout (`save_reward_model` / `load_reward_model`), one directory:
-    config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json
-        the backbone as an ordinary HF-layout causal-LM checkpoint (its `lm_head` included and
-        unused), so transformers' AutoModelForCausalLM and our `Transformer.from_pretrained` load it;
-    score_head.safetensors   "weight" (1, C) and "bias" (1,) of the score head;
-    reward_model.json        {"head": "score_head.safetensors", "read": "last_token"}: marks the
-                             directory as a reward model and says where the score is read.
-The directory is written whole or not at all (a temporary sibling, then `model.replace_dir`).
+Its checkpoint (`checkpoint.save_reward_model` / `load_reward_model`) is the backbone as an
+ordinary HF-layout directory plus the score head and a marker file; see checkpoint.py.
 
 Departures from InstructGPT:
 - One comparison per prompt (K = 2). InstructGPT ranks K = 4..9 responses and puts all C(K, 2)
@@ -29,45 +23,38 @@ Departures from InstructGPT:
   average). GRPO normalises rewards within each group, which cancels any offset; the scale still
   matters when the score is added to rule-based rewards, so the RL stage should weigh it.
 - The backbone may be trained from scratch (the toy tests do, at micro size); the recipe starts
-  from the SFT checkpoint (`load` one with `Transformer.from_pretrained`, then `init_reward_model`).
+  from the SFT checkpoint (`checkpoint.load_pretrained`, then `init_reward_model`).
 - Pairs are truncated from the left (prompt first) so the eos token, where the score is read,
   always survives; InstructGPT does not say how it truncates.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Transformer, replace_dir
-from sft import clip_and_step
+from model import Transformer
+from optim import clip_and_step, set_lr
 from tokenizer import Tokenizer
 
-RM_MARKER = "reward_model.json"
-HEAD_FILE = "score_head.safetensors"
 
-
-# Toy defaults, measured from a random-init backbone on the toy's preference pairs (1 CPU thread):
-# the "toy" preset ranks pairs of 3 held-out requests 1.000 right after 60 steps (2 seeds, ~80 s),
-# "micro" 0.98-1.00 (3 seeds, ~3 s); 150 steps only grew the toy's margin (5.7 -> 8.8).
-# InstructGPT (appendix C.2): lr 9e-6, batch 64, cosine to 10% of the peak, one epoch, at 6B.
+# Toy defaults: on the toy's preference pairs a random-init "toy" backbone ranks pairs of held-out
+# requests right after about 60 steps at this lr. InstructGPT (appendix C.2) trains its 6B reward
+# model at lr 9e-6, batch 64, cosine to 10% of the peak, one epoch.
 @dataclass
 class RMConfig:
-    steps: int = 60                 # optimizer steps
-    batch_size: int = 32            # preference pairs per optimizer step (global, across ranks)
-    micro_batch: int = 32           # pairs per forward/backward (each is 2 rows: chosen and rejected)
-    lr: float = 1e-3                # peak AdamW learning rate (sized for the toy)
-    min_lr_ratio: float = 0.1       # cosine decay (sft.lr_at) ends at lr * min_lr_ratio
-    warmup: int = 10                # linear warm-up steps
-    weight_decay: float = 0.0       # AdamW decoupled weight decay
-    max_grad_norm: float = 1.0      # gradient clipping (global L2 norm)
-    max_len: int = 256              # prompt + response + eos longer than this is cut from the left
+    steps: int = field(default=40, metadata={"help": "optimizer steps (one pass over steps * batch_size pairs)"})
+    batch_size: int = field(default=32, metadata={"help": "preference pairs per optimizer step (global)"})
+    micro_batch: int = field(default=32, metadata={"help": "pairs per forward/backward (2 rows each)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (sized for the toy)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at lr * min_lr_ratio"})
+    warmup: int = field(default=10, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient L2 norm to this"})
+    max_len: int = field(default=256, metadata={"help": "prompt + response + eos longer than this is cut "
+                                                       "from the left"})
 
 
 # --- the model --------------------------------------------------------------------------------
@@ -164,8 +151,7 @@ def rm_step(rm: RewardModel, optimizer, pairs_batch: list[dict], tok: Tokenizer,
     """
     mine = pairs_batch[rank::world]
     total = float(len(pairs_batch))
-    for g in optimizer.param_groups:
-        g["lr"] = lr
+    set_lr(optimizer, lr)
     dev = next(rm.parameters()).device
     loss_sum = correct = margin_sum = 0.0
     for i in range(0, len(mine), cfg.micro_batch):
@@ -215,50 +201,3 @@ def pairwise_accuracy(rm: RewardModel, tok: Tokenizer, pairs: list[dict], max_le
     c = score_texts(rm, tok, prompts, [p["chosen"] for p in pairs], max_len, batch_size)    # (N,)
     r = score_texts(rm, tok, prompts, [p["rejected"] for p in pairs], max_len, batch_size)  # (N,)
     return (c > r).float().mean().item()
-
-
-# --- checkpoints ------------------------------------------------------------------------------
-
-def save_reward_model(rm: RewardModel, path, tokenizer: Tokenizer) -> None:
-    """Write the layout of the module docstring atomically. `rm` must be unsharded."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    tmp = path.with_name(path.name + f".rm-tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        rm.backbone.save_pretrained(tmp, tokenizer=tokenizer)  # itself atomic: tmp appears whole
-        head = {k: v.detach().cpu().contiguous() for k, v in rm.score_head.state_dict().items()}
-        save_file(head, tmp / HEAD_FILE, metadata={"format": "pt"})
-        (tmp / RM_MARKER).write_text(json.dumps({"head": HEAD_FILE, "read": "last_token"}, indent=2) + "\n")
-        replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something above failed
-
-
-def load_reward_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[RewardModel, Tokenizer]:
-    """(RewardModel, Tokenizer) from a directory `save_reward_model` wrote."""
-    from safetensors.torch import load_file
-    path = Path(path)
-    marker = path / RM_MARKER
-    if path.is_dir() and not marker.is_file():
-        raise ValueError(f"{path} is not a reward model checkpoint (no {RM_MARKER}); train one with "
-                         "`python train.py --stage rm --init SFT_MODEL_DIR`")
-    backbone = Transformer.from_pretrained(path, dtype=dtype, device=device)  # errors on a bad dir
-    try:
-        meta = json.loads(marker.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{marker}: not valid JSON ({e}); re-save the reward model") from None
-    if meta.get("read") != "last_token":
-        raise ValueError(f"{marker}: read={meta.get('read')!r} is not supported; only 'last_token' is")
-    head_file = path / meta.get("head", HEAD_FILE)
-    if not head_file.is_file():
-        raise FileNotFoundError(f"{head_file} not found; the reward model checkpoint is incomplete, re-save it")
-    head = load_file(str(head_file))
-    C = backbone.cfg.hidden_size
-    shapes = {k: tuple(v.shape) for k, v in head.items()}
-    if shapes != {"weight": (1, C), "bias": (1,)}:
-        raise ValueError(f"{head_file}: tensors {shapes}, expected weight (1, {C}) and bias (1,) "
-                         "for this backbone; the head and the backbone do not belong together")
-    rm = RewardModel(backbone)
-    rm.score_head.load_state_dict({k: v.to(dtype) for k, v in head.items()})
-    return rm.to(device), Tokenizer.from_dir(path)

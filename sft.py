@@ -17,26 +17,28 @@ scale; packing would need a block-diagonal mask); the loss is a token mean over 
 """
 from __future__ import annotations
 
-import math
-import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from optim import clip_and_step, set_lr
+
 
 @dataclass
 class SFTConfig:
-    steps: int = 300                # optimizer steps
-    batch_size: int = 32            # examples per optimizer step (global, across ranks)
-    micro_batch: int = 32           # examples per forward/backward (gradient accumulation below it)
-    lr: float = 1e-3                # peak AdamW learning rate
-    min_lr_ratio: float = 0.1       # cosine decay ends at lr * min_lr_ratio
-    warmup: int = 20                # linear warm-up steps
-    weight_decay: float = 0.0       # AdamW decoupled weight decay
-    max_grad_norm: float = 1.0      # gradient clipping (global L2 norm)
-    max_len: int = 256              # examples longer than this (in tokens) are truncated
-    epochs_shuffle_seed: int = 0    # data order seed (the data position is saved for resume)
+    """One supervised stage's settings. The defaults are the toy's cold start (R1 stage 1); the
+    recipe overrides some per stage (see recipe.SFT_STAGE_DEFAULTS)."""
+    steps: int = field(default=150, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "examples per optimizer step (global, over ranks)"})
+    micro_batch: int = field(default=32, metadata={"help": "examples (RL: sequences) per forward/backward; "
+                                                          "memory only, the update does not change"})
+    lr: float = field(default=5e-4, metadata={"help": "peak AdamW learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "SFT: cosine decay ends at lr * min_lr_ratio"})
+    warmup: int = field(default=10, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient L2 norm to this"})
+    max_len: int = field(default=160, metadata={"help": "SFT: examples longer than this (tokens) are truncated"})
 
 
 def encode_example(tok, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
@@ -74,37 +76,6 @@ def sft_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
     return (nll * tgt_mask).sum() / denom
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up then cosine decay to peak * min_ratio (the usual LLM schedule)."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    frac = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-class ExampleStream:
-    """An endless, reshuffled-every-epoch stream over encoded examples; `position` is the number
-    of examples handed out so far, which is all a resumed run needs to continue the same order."""
-
-    def __init__(self, examples: list, seed: int, position: int = 0):
-        if not examples:
-            raise ValueError("SFT data is empty; check the data file or the filter that built it")
-        self.examples, self.seed, self.position = examples, seed, 0
-        self._order: list[int] = []
-        self.take(position)
-
-    def take(self, n: int) -> list:
-        out = []
-        for _ in range(n):
-            epoch, i = divmod(self.position, len(self.examples))
-            if i == 0 or not self._order:
-                self._order = list(range(len(self.examples)))
-                random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
-            out.append(self.examples[self._order[i]])
-            self.position += 1
-        return out
-
-
 def sft_step(model, optimizer, batch: list, pad_id: int, cfg: SFTConfig, lr: float,
              rank: int = 0, world: int = 1, all_reduce=None) -> dict:
     """One optimizer step on a global batch of encoded examples.
@@ -115,12 +86,12 @@ def sft_step(model, optimizer, batch: list, pad_id: int, cfg: SFTConfig, lr: flo
     """
     mine = batch[rank::world]
     total = float(sum(sum(m[1:]) for _, m in batch))  # target tokens in the global batch
-    for g in optimizer.param_groups:
-        g["lr"] = lr
+    set_lr(optimizer, lr)
+    device = next(model.parameters()).device
     loss_sum = 0.0
     for i in range(0, len(mine), cfg.micro_batch):
         ids, mask = collate(mine[i:i + cfg.micro_batch], pad_id)
-        ids, mask = ids.to(_device(model)), mask.to(_device(model))
+        ids, mask = ids.to(device), mask.to(device)
         loss = sft_loss(model(ids), ids, mask, total_tokens=total) * world
         loss.backward()
         loss_sum += loss.item() / world
@@ -128,20 +99,3 @@ def sft_step(model, optimizer, batch: list, pad_id: int, cfg: SFTConfig, lr: flo
         loss_sum = all_reduce(loss_sum)
     grad_norm = clip_and_step(model, optimizer, cfg.max_grad_norm, loss_sum)
     return {"loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "tokens": total}
-
-
-def clip_and_step(model, optimizer, max_grad_norm: float, loss: float = 0.0) -> float:
-    """Clip the global gradient norm and take the optimizer step; on a non-finite loss or norm,
-    drop the gradient and raise FloatingPointError instead (train.py stops without saving)."""
-    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)  # DTensor under FSDP
-    if not math.isfinite(grad_norm) or not math.isfinite(loss):
-        optimizer.zero_grad(set_to_none=True)  # never step on a non-finite gradient
-        raise FloatingPointError(f"loss {loss}, gradient norm {grad_norm}")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device

@@ -2,19 +2,16 @@
 
 A thin wrapper over the `tokenizers` library (the Rust tokenizer behind Hugging Face's fast
 tokenizers) that reads what a checkpoint directory holds -- `tokenizer.json`, plus the special
-token ids from `tokenizer_config.json`, `generation_config.json` and `config.json` -- and the two
-prompt formats the recipe needs, written as plain Python instead of Jinja:
-
-- the R1-Zero template (DeepSeek-R1 report, Table 1), used for R1-Zero and every later RL stage;
-- ChatML (`<|im_start|>role ... <|im_end|>`), the chat format of Qwen2/Qwen2.5/Qwen3 checkpoints.
+token ids from `tokenizer_config.json`, `generation_config.json` and `config.json` -- and the
+R1-Zero prompt template (DeepSeek-R1 report, Table 1), used for R1-Zero and every later RL stage.
 
 It also builds the embedded toy task's character-level tokenizer: one token per character of
 the toy alphabet plus one token per tag (`<think>`, `</think>`, `<answer>`, `</answer>`), so the
 tags the format reward reads are single tokens, as they are (or nearly are) in real BPE vocabularies.
 
 Departures: the checkpoint's own Jinja `chat_template` is not executed (it needs jinja2 and runs
-code from the checkpoint); `chatml()` reproduces the Qwen template for plain text messages, and
-`r1_zero_prompt()` is the report's template verbatim.
+code from the checkpoint), so instruct models' chat formats are not rendered; `r1_zero_prompt()`
+is the report's template verbatim.
 """
 from __future__ import annotations
 
@@ -43,22 +40,6 @@ ANSWER_TAGS = ("<answer>", "</answer>")
 def r1_zero_prompt(question: str) -> str:
     """The R1-Zero prompt for one question; the model's response starts right after 'Assistant:'."""
     return R1_ZERO_TEMPLATE.format(prompt=question.strip())
-
-
-def chatml(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """ChatML as Qwen2/Qwen2.5/Qwen3 write it, for messages [{"role": ..., "content": ...}].
-
-    With no system message, Qwen2.5's template inserts its default one; we do not (a departure
-    that only matters when comparing token-for-token with `apply_chat_template`).
-    """
-    out = []
-    for m in messages:
-        if m.get("role") not in ("system", "user", "assistant"):
-            raise ValueError(f"chatml: unknown role {m.get('role')!r}; use system, user or assistant")
-        out.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
-    if add_generation_prompt:
-        out.append("<|im_start|>assistant\n")
-    return "".join(out)
 
 
 # --- tokenizer --------------------------------------------------------------------------------
@@ -105,15 +86,8 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return ids
 
-    def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
-        return [([self.bos_id] if add_bos and self.bos_id is not None else []) + e.ids
-                for e in self.tok.encode_batch(texts, add_special_tokens=False)]
-
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def token_id(self, text: str) -> int | None:
-        return self.tok.token_to_id(text)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":

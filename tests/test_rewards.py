@@ -1,13 +1,15 @@
-"""Tests for rewards.py.
+"""Tests for rewards.py (the parser's own golds and caps are in test_answers.py).
 
 - Every GSM8K test gold, written back as a model would write it, is paid; perturbed values are not.
 - Tables of hard cases for each reward, in both directions (paid / not paid).
 - Slow references beside the fast code: a Python-`ast` evaluator for Countdown, a backtracking regex
   for the format, Fraction arithmetic on random expression trees for the math parser.
 - Property tests: no input raises, every call is fast, every reward is a float in [0, 1].
+- `rule_reward`, the RL loop's reward function, against `combine_rewards` called per completion.
 - The benchmark line (`python rewards.py` prints the same numbers).
 
-Timing asserts use FAST, far above the ~20 us a typical call takes, because the CPU is shared.
+Timing asserts use FAST, far above what a typical call takes (`python rewards.py` measures it),
+because the CPU is shared.
 """
 import ast
 import itertools
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import answers as A
 import rewards as R
 
 GSM8K_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
@@ -114,30 +117,14 @@ def test_math_reads_only_the_single_answer_block_after_the_reasoning():
     assert R.math_reward(" <think>ok</think>  <answer> 18 </answer> ", "18") == 1.0
 
 
-GOLDS = [("42", Fraction(42)), ("-3.5", Fraction(-7, 2)), ("3/4", Fraction(3, 4)), ("1,450,000", Fraction(1450000)),
-         ("10\\%", Fraction(10)), ("\\$18.90", Fraction(189, 10)), ("5\\text{ cm}", Fraction(5)), (18, Fraction(18))]
 BAD_GOLDS = ["banana", "x+1", "2x", "5 cm", "", "   ", "1,08", "08", "1e5", "\\sin(x)", "18 or 20", "1" * 101,
              "2^{5000}", "(" * 40 + "1" + ")" * 40, None, 1.5, ["18"], "\\frac{1}{0}", "\\sqrt{-4}", "1/(1+\\sqrt{2})"]
 
 
-@pytest.mark.parametrize("gold, value", GOLDS)
-def test_parse_gold_reads_plain_golds(gold, value):
-    assert R.parse_gold(gold) == ("num", (((1, 0), value),))
-
-
 @pytest.mark.parametrize("gold", BAD_GOLDS)
 def test_parse_gold_refuses_what_it_cannot_read_exactly(gold):
-    assert R.parse_gold(gold) is None
+    assert A.parse_gold(gold) is None
     assert R.math_reward(box("18"), gold) == 0.0
-
-
-def test_parse_gold_choices_and_caps():
-    assert R.parse_gold("\\text{(C)}") == R.parse_gold("C") == ("choice", "C")
-    assert R.parse_answer("1" * R.MAX_DIGITS) is not None and R.parse_answer("1" * (R.MAX_DIGITS + 1)) is None
-    assert R.parse_answer("(" * 10 + "1" + ")" * 10) is not None
-    assert R.parse_answer("-" * (R.MAX_DEPTH + 1) + "1") is None
-    assert R.parse_answer("2^{2000}") is not None and R.parse_answer("2^{5000}") is None
-    assert R.parse_answer("9^9^9") is None and R.parse_answer("1" + " " * R.MAX_ANSWER_CHARS) is None
 
 
 # --- math: the parser against Fraction arithmetic on random expressions ------------------------------
@@ -412,6 +399,33 @@ def test_combine_rewards_says_what_is_wrong_with_a_config_or_sample():
         R.combine_rewards(box("5"), "p", {"task": "math"})
     with pytest.raises(ValueError, match="use 'math', 'countdown'"):
         R.accuracy_reward(box("5"), {"task": "chess"})
+
+
+def test_rule_reward_scores_each_completion_as_combine_rewards_does():
+    add = {"task": "math", "prompt": "User: 47+38=? Assistant:", "question": "47+38=?", "answer": "85", "lang": "en"}
+    add_zh = {"task": "math", "prompt": "用户: 47+38=? 助手:", "question": "47+38=?", "answer": "85", "lang": "zh"}
+    countdown = {"task": "countdown", "prompt": "User: make 8 from 3 5. Assistant:", "question": "make 8 from 3 5",
+                 "numbers": [3, 5], "target": 8}
+    completions = [box("85", "7+8=15 carry 1. 4+3+1=8."), "<answer>85</answer>", box("84", "we add"),
+                   box("85", "7+8=15 进1。 4+3+1=8。"), box("3 + 5", "we add"), box("85", "7+8=15 进1。")]
+    samples = [add, add, add, add_zh, countdown, add]
+    for weights in (R.DEFAULT_WEIGHTS, R.STAGE2_WEIGHTS, {"accuracy": 2.0, "language": 0.5}):
+        totals, parts = R.rule_reward(weights)(completions, samples)
+        expected = [R.combine_rewards(c, s["prompt"], s, weights) for c, s in zip(completions, samples)]
+        assert totals == [total for total, _ in expected]
+        assert parts == {k: [p[k] for _, p in expected] for k in R.REWARD_NAMES}
+        assert len(set(totals)) >= 3  # the toy samples tell completions, and so their order, apart
+    assert R.rule_reward(R.STAGE2_WEIGHTS)([], []) == ([], {k: [] for k in R.REWARD_NAMES})
+
+
+def test_rule_reward_says_what_is_wrong_with_its_weights_or_samples():
+    with pytest.raises(ValueError, match="unknown reward weights"):
+        R.rule_reward({"acc": 1.0})  # before any completion is scored
+    score = R.rule_reward(R.DEFAULT_WEIGHTS)
+    with pytest.raises(ValueError, match="2 completions but 1 samples"):
+        score([box("5"), box("6")], [{"task": "math", "prompt": "p", "answer": "5"}])
+    with pytest.raises(ValueError, match="no field 'prompt'"):
+        score([box("5")], [{"task": "math", "answer": "5"}])
 
 
 # --- no input raises, stalls or leaves [0, 1] -------------------------------------------------------

@@ -1,8 +1,8 @@
 """R1 stages 3 and 4 and distillation end to end at micro size: rm, rs, rl, distill, summary, all.
 
 A micro model trained for a few steps never writes a verified answer, so the tests that need
-verified samples replace the sampler (`generate`) or the filter (`collect_verified`), in train and in
-later_stages, with canned responses; the stages around them run for real.
+verified samples replace the sampler (`generate`) or the filter (`collect_verified`) in recipe.py
+with canned responses; the stages around them run for real.
 """
 import json
 import math
@@ -13,11 +13,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import later_stages
+import evaluation
+import recipe
 import reward_model as rmod
-import tasks
+import toy
 import train
-from rewards import combine_rewards
+from checkpoint import load_reward_model
+from data import write_jsonl
+from rewards import combine_rewards, rule_reward
 from tests.test_train import TINY
 from tokenizer import Tokenizer
 
@@ -62,7 +65,7 @@ def test_rm_stage_writes_loadable_model_and_logs_accuracy(out):
     rows = metrics(out / "rm" / "metrics.jsonl")
     assert [r["step"] for r in rows[:3]] == [1, 2, 3] and "loss" in rows[0]
     assert 0.0 <= rows[-1]["eval/pairwise_accuracy"] <= 1.0 and rows[-1]["eval/pairs"] == 16
-    rm, tok = rmod.load_reward_model(out / "rm" / "model")
+    rm, tok = load_reward_model(out / "rm" / "model")
     s = rmod.score_texts(rm, tok, ["User: say hello Assistant:"], ["<think> hi </think><answer>hi</answer>"], 64)
     assert s.shape == (1,) and torch.isfinite(s).all()
     cfg = json.loads((out / "rm" / "run_config.json").read_text())
@@ -72,7 +75,7 @@ def test_rm_stage_writes_loadable_model_and_logs_accuracy(out):
 def test_rm_learns_separable_pairs_from_file(out, tmp_path, capsys):
     """--data: the toy's pairs from a file, enough steps to separate them; last 10% held out."""
     data = tmp_path / "pref.jsonl"
-    tasks.write_jsonl(data, tasks.ToyArithmetic().preference_pairs(200, seed=3))
+    write_jsonl(data, toy.ToyArithmetic().preference_pairs(200, seed=3))
     new = fresh(out, tmp_path, "pretrain")
     assert train.main(["--stage", "rm", "--out", str(new), "--data", str(data), *TINY,
                        "--rm_steps", "30", "--rm_batch_size", "16", "--rm_lr", "3e-3"]) == 0
@@ -85,7 +88,7 @@ def test_rm_learns_separable_pairs_from_file(out, tmp_path, capsys):
 
 def _general_request(prompt):
     m = re.fullmatch(r"(?:User|用户): (.*) (?:Assistant|助手):", prompt)
-    for t in tasks.GENERAL_TEMPLATES:
+    for t in toy.GENERAL_TEMPLATES:
         for lang, (request, answers) in t.items():
             if m and request == m[1]:
                 return request, answers, lang
@@ -101,13 +104,13 @@ def canned(prompt):
     m = re.search(r"(\d+)\+(\d+)=\?", prompt)
     if m:
         a, b, lang = int(m[1]), int(m[2]), "zh" if prompt.startswith("用户") else "en"
-        right = tasks.worked_response(a, b, lang)
-        return [(right, "eos"), (right, "eos"), (tasks.worked_response(a, b, lang, a + b + 1), "eos"),
-                (tasks.worked_response(a, b, tasks.OTHER_LANG[lang]), "eos"), (right, "length")]
+        right = toy.worked_response(a, b, lang)
+        return [(right, "eos"), (right, "eos"), (toy.worked_response(a, b, lang, a + b + 1), "eos"),
+                (toy.worked_response(a, b, toy.OTHER_LANG[lang]), "eos"), (right, "length")]
     request, answers, lang = _general_request(prompt)
-    return [(tasks.general_response(request, answers[0], lang), "eos"),
+    return [(toy.general_response(request, answers[0], lang), "eos"),
             (f"<think> {request} </think><answer>{answers[0]}, {answers[0]}, {answers[0]}</answer>", "eos"),
-            (answers[0], "eos"), (tasks.general_response("say hi", "hi", "en" if lang == "zh" else "zh"), "eos"),
+            (answers[0], "eos"), (toy.general_response("say hi", "hi", "en" if lang == "zh" else "zh"), "eos"),
             (OVERLONG, "length")]
 
 
@@ -122,8 +125,7 @@ def fake_sampler(out, monkeypatch):
                 toks.append(tok.encode(text) + ([tok.eos_id] if why == "eos" else []))
                 finish.append(why)
         return SimpleNamespace(tokens=toks, finish_reasons=finish)
-    monkeypatch.setattr(train, "generate", generate)  # collect_verified
-    monkeypatch.setattr(later_stages, "generate", generate)  # best_general
+    monkeypatch.setattr(recipe, "generate", generate)  # collect_verified and best_general
 
 
 @pytest.mark.parametrize("frac", [0.75, 0.5])
@@ -133,7 +135,7 @@ def test_rs_keeps_verified_samples_at_the_ratio(out, tmp_path, fake_sampler, fra
     rows = jsonl(new / "rs" / "rs_data.jsonl")
     reasoning = [r for r in rows if r["source"] == "reasoning"]
     general = [r for r in rows if r["source"] == "general"]
-    stream = tasks.ToyArithmetic().train_samples(later_stages.RS_SEED + 1)  # --seed 0; collect_verified adds 1
+    stream = toy.ToyArithmetic().train_samples(recipe.RS_SEED + 1)  # --seed 0; collect_verified adds 1
     prompts = {next(stream)["prompt"] for _ in range(8)}
     # one per prompt: the duplicate, the wrong answer, the other language and the cut-off are dropped
     assert len(reasoning) == len(prompts)
@@ -148,9 +150,9 @@ def test_rs_keeps_verified_samples_at_the_ratio(out, tmp_path, fake_sampler, fra
 
 
 def test_mix_at_ratio():
-    assert [len(x) for x in later_stages.mix_at_ratio(list(range(100)), list(range(50)), 0.75)] == [100, 33]
-    assert [len(x) for x in later_stages.mix_at_ratio(list(range(30)), list(range(5)), 0.75)] == [15, 5]
-    assert [len(x) for x in later_stages.mix_at_ratio(list(range(30)), [], 1.0)] == [30, 0]
+    assert [len(x) for x in recipe.mix_at_ratio(list(range(100)), list(range(50)), 0.75)] == [100, 33]
+    assert [len(x) for x in recipe.mix_at_ratio(list(range(30)), list(range(5)), 0.75)] == [15, 5]
+    assert [len(x) for x in recipe.mix_at_ratio(list(range(30)), [], 1.0)] == [30, 0]
 
 
 def test_rs_without_reward_model_says_what_to_do(out, tmp_path, capsys):
@@ -164,38 +166,39 @@ def test_rs_without_reward_model_says_what_to_do(out, tmp_path, capsys):
 
 # --- rl -------------------------------------------------------------------------------------------
 
-def test_mixed_scorer_routes_each_prompt_to_its_reward(out):
-    toy = tasks.ToyArithmetic()
-    math_s, gen_s = next(toy.train_samples(0)), next(toy.general_samples(0))
+def test_routed_reward_sends_each_prompt_to_its_reward(out):
+    t = toy.ToyArithmetic()
+    math_s, gen_s = next(t.train_samples(0)), next(t.general_samples(0))
     a, b = map(int, re.findall(r"\d+", math_s["question"]))
-    texts = [tasks.worked_response(a, b, math_s["lang"]), "<answer>1</answer>",
+    texts = [toy.worked_response(a, b, math_s["lang"]), "<answer>1</answer>",
              "<think> x </think><answer>hi</answer>", "hello"]
-    rm, tok = rmod.load_reward_model(out / "rm" / "model")
+    rm, tok = load_reward_model(out / "rm" / "model")
     rm_score = lambda ps, ts: rmod.score_texts(rm, tok, ps, ts, 256).tolist()  # noqa: E731
     w = {"accuracy": 1.0, "format": 0.1, "language": 1.0}
-    rewards, comps = later_stages.mixed_scorer(rm_score, w)(texts, [math_s, gen_s], 2)
-    assert rewards.shape == (2, 2)
+    rewards, comps = recipe.routed_reward(rule_reward(w), rm_score)(texts, [math_s, math_s, gen_s, gen_s])
+    assert len(rewards) == 4
     for i in range(2):  # the math prompt: rule rewards
-        assert rewards[0, i].item() == pytest.approx(combine_rewards(texts[i], math_s["prompt"], math_s, w)[0])
+        assert rewards[i] == pytest.approx(combine_rewards(texts[i], math_s["prompt"], math_s, w)[0])
     expect = rm_score([gen_s["prompt"]] * 2, texts[2:])  # the general prompt: the reward model's score
-    assert rewards[1].tolist() == pytest.approx(expect, abs=1e-6)
-    assert comps["rm"] == pytest.approx(sum(expect) / 2, abs=1e-6)
-    assert comps["accuracy"] == 0.5 and set(comps) == {"rm", "accuracy", "format", "language"}
+    assert rewards[2:] == pytest.approx(expect, abs=1e-6)
+    assert sum(comps["rm"]) / len(comps["rm"]) == pytest.approx(sum(expect) / 2, abs=1e-6)
+    assert sum(comps["accuracy"]) / len(comps["accuracy"]) == 0.5
+    assert set(comps) == {"rm", "accuracy", "format", "language"}
 
 
 def test_rl_stage_mixes_general_and_reasoning_prompts(out, tmp_path, monkeypatch):
     new = fresh(out, tmp_path, "rs", "rm")
     seen = []
-    real = later_stages.mixed_scorer
+    real = recipe.routed_reward
 
-    def spy(rm_score, weights):
-        score = real(rm_score, weights)
+    def spy(rule, rm_scores):
+        score = real(rule, rm_scores)
 
-        def wrapped(texts, samples, G):
-            seen.append([s["task"] for s in samples])
-            return score(texts, samples, G)
+        def wrapped(texts, samples):
+            seen.append([s["task"] for s in samples[::4]])  # one per group of --group_size 4
+            return score(texts, samples)
         return wrapped
-    monkeypatch.setattr(later_stages, "mixed_scorer", spy)
+    monkeypatch.setattr(recipe, "routed_reward", spy)
     assert run("--stage", "rl", "--out", str(new), "--steps", "2", "--general_frac", "0.5") == 0
     assert seen == [["math", "math", "general", "general"]] * 2  # round(4 * 0.5) general a step
     rows = metrics(new / "rl" / "metrics.jsonl")
@@ -233,7 +236,7 @@ def _best_general(model, tok, rm, rm_tok, task, n, k, g, max_len, seed, d):
 
 
 def test_distill_compares_student_with_equal_time_grpo(out, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(later_stages, "collect_verified", _perfect_traces)
+    monkeypatch.setattr(recipe, "collect_verified", _perfect_traces)
     new = fresh(out, tmp_path, "pretrain", "rl")
     assert run("--stage", "distill", "--out", str(new), "--steps", "3") == 0
     assert (new / "student_base" / "model" / "config.json").is_file()  # made by distill
@@ -249,13 +252,12 @@ def test_distill_compares_student_with_equal_time_grpo(out, tmp_path, monkeypatc
 
 
 def test_all_runs_every_stage_and_prints_one_table(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "collect_verified", _perfect_traces)  # sft
-    monkeypatch.setattr(later_stages, "collect_verified", _perfect_traces)  # rs, distill
-    monkeypatch.setattr(later_stages, "best_general", _best_general)
+    monkeypatch.setattr(recipe, "collect_verified", _perfect_traces)  # sft, rs, distill
+    monkeypatch.setattr(recipe, "best_general", _best_general)
     new = tmp_path / "all"
     assert run("--stage", "all", "--out", str(new), "--steps", "2") == 0
     rows = json.loads((new / "summary.json").read_text())
-    assert [r["stage"] for r in rows] == list(later_stages.SUMMARY_STAGES)
+    assert [r["stage"] for r in rows] == list(evaluation.SUMMARY_STAGES)
     for r in rows:
         assert {"accuracy", "format", "language", "rm_score", "response_length"} <= set(r)
         assert math.isfinite(r["rm_score"])

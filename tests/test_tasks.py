@@ -1,4 +1,5 @@
-"""Tests for tasks.py: the toy task's arithmetic, split and corpus mix; Countdown; GSM8K; JSONL loading."""
+"""Tests for toy.py (the toy task's arithmetic, split and corpus mix), tasks.py (Countdown, GSM8K,
+the registry) and data.py (JSONL loading and writing)."""
 import json
 import re
 from itertools import islice
@@ -7,10 +8,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import tasks
-from tasks import (DataError, Countdown, ToyArithmetic, ToyConfig, addition_steps, direct_response,
-                   get_task, load_gsm8k, load_jsonl_samples, load_pref_jsonl, load_sft_jsonl,
-                   worked_response, write_jsonl)
-from tokenizer import TOY_EOS, TOY_TAGS, build_char_tokenizer
+from data import DataError, load_pref_jsonl, load_sft_jsonl, write_jsonl
+from tasks import Countdown, get_task, load_gsm8k, load_jsonl_samples
+from tokenizer import TOY_EOS, TOY_TAGS, build_char_tokenizer, r1_zero_prompt
+from toy import (ToyArithmetic, ToyConfig, addition_steps, direct_response, general_response,
+                 worked_response)
 
 TOY = ToyArithmetic()
 CJK = re.compile(r"[\u4e00-\u9fff\u3002\uff0c]")  # CJK ideographs, 。 and ，
@@ -114,8 +116,8 @@ def test_corpus_mix_matches_config():
     docs = TOY.pretrain_corpus(20000, seed=1)
     kinds = [_classify(d) for d in docs]
     frac = lambda k: kinds.count(k) / len(kinds)
-    arith = 1 - cfg.general_frac
-    assert abs(frac("general") - cfg.general_frac) < 0.01
+    arith = 1 - cfg.general_doc_frac
+    assert abs(frac("general") - cfg.general_doc_frac) < 0.01
     for kind in ("worked", "direct", "wrong", "cross_lang"):
         assert abs(frac(kind) - getattr(cfg, f"{kind}_frac") * arith) < 0.015, kind
     wrong = [d for d, k in zip(docs, kinds) if k == "wrong"]
@@ -139,7 +141,7 @@ def test_corpus_characters_are_in_alphabet_and_tokenize_losslessly():
     assert not alphabet & set("<>/{}")  # tags are single tokens, never spelled out
     docs = TOY.pretrain_corpus(3000, seed=2) + [p["chosen"] + p["rejected"] for p in TOY.preference_pairs(300)]
     tok = build_char_tokenizer(TOY.alphabet())
-    unk = tok.token_id("<unk>")
+    unk = tok.tok.token_to_id("<unk>")
     for doc in docs:
         bare = doc.replace(TOY_EOS, "")
         for tag in TOY_TAGS:
@@ -147,7 +149,7 @@ def test_corpus_characters_are_in_alphabet_and_tokenize_losslessly():
         assert set(bare) <= alphabet, set(bare) - alphabet
         ids = tok.encode(doc)
         assert unk not in ids and tok.decode(ids) == doc
-    assert tok.encode("<think>") == [tok.token_id("<think>")]
+    assert tok.encode("<think>") == [tok.tok.token_to_id("<think>")]
 
 
 def test_general_samples_and_preference_pairs():
@@ -158,7 +160,7 @@ def test_general_samples_and_preference_pairs():
     assert any(s["prompt"] == "用户: 说你好 助手:" for s in gen)
     for s in gen:
         assert all(bool(CJK.search(a)) == (s["lang"] == "zh") or a == "1 2 3" for a in s["answers"])
-        assert tasks.general_response(s["question"], s["answers"][0], s["lang"]) == TOY.sft_response(s)
+        assert general_response(s["question"], s["answers"][0], s["lang"]) == TOY.sft_response(s)
     pairs = TOY.preference_pairs(600, seed=0)
     assert pairs == TOY.preference_pairs(600, seed=0)
     counts = {"wrong_lang": 0, "rambling": 0, "no_format": 0}
@@ -280,7 +282,7 @@ def test_jsonl_samples_and_write_roundtrip(tmp_path):
     assert write_jsonl(p, rows) == 6
     assert [x.name for x in p.parent.iterdir()] == ["mine.jsonl"]  # no temp file left behind
     samples = load_jsonl_samples(p)
-    assert samples[0]["prompt"] == tasks.r1_zero_prompt("What is 0+1?") and samples[0]["answer"] == "1"
+    assert samples[0]["prompt"] == r1_zero_prompt("What is 0+1?") and samples[0]["answer"] == "1"
     assert samples[5]["prompt"] == "RAW: 2+2=" and samples[5]["lang"] == "zh"
     assert all(s["task"] == "math" and s["source"] == "jsonl" for s in samples)
     sft = [{"prompt": "用户: 说你好 助手:", "response": "<answer>你好</answer>", "source": "toy"}]

@@ -1,4 +1,5 @@
-"""train.py end to end at micro size: every stage, resume, micro-batch and 2-rank invariance, bad input."""
+"""train.py end to end at micro size: every stage, resume, micro-batch and 2-rank invariance, bad input.
+(The command line itself: tests/test_cli.py.)"""
 import dataclasses
 import json
 import os
@@ -11,8 +12,11 @@ import pytest
 import torch
 
 import grpo
+import runtime
 import train
+from checkpoint import load_pretrained
 from model import Transformer, preset
+from optim import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # micro model, few steps: each stage takes a second or two
@@ -46,7 +50,7 @@ def test_pretrain_writes_hf_checkpoint(pretrained):
     assert cfg["sft"]["steps"] == 6 and cfg["run"]["model"] == "micro"
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(mdir)
-    ours = Transformer.from_pretrained(mdir)
+    ours = load_pretrained(mdir)
     ids = torch.randint(0, ours.cfg.vocab_size, (1, 12))
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)).abs().max() < 1e-4
@@ -75,7 +79,8 @@ def test_full_chain_sft_grpo_eval_plot(pretrained, tmp_path, capsys):
     os.symlink(pretrained / "pretrain" / "model", out / "pretrain" / "model")
     assert run("--stage", "zero", "--out", str(out), "--steps", "1") == 0
     # cold-start data from a file (a micro model rarely produces verified samples)
-    from tasks import ToyArithmetic, write_jsonl
+    from data import write_jsonl
+    from toy import ToyArithmetic
     toy = ToyArithmetic()
     stream = toy.train_samples(5)
     rows = [{"prompt": s["prompt"], "response": toy.sft_response(s)} for s in (next(stream) for _ in range(16))]
@@ -132,8 +137,8 @@ def test_resume_repeats_uninterrupted_run(pretrained, tmp_path):
     ra, rb = strip(metrics(a / "zero" / "metrics.jsonl")), strip(metrics(b / "zero" / "metrics.jsonl"))
     assert [r["step"] for r in rb] == [0, 1, 2, 3, 4]
     assert rb == ra
-    wa = Transformer.from_pretrained(a / "zero" / "model").state_dict()
-    wb = Transformer.from_pretrained(b / "zero" / "model").state_dict()
+    wa = load_pretrained(a / "zero" / "model").state_dict()
+    wb = load_pretrained(b / "zero" / "model").state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -182,20 +187,20 @@ def _free_port() -> int:
 WORKER = r"""
 import os, sys, torch
 sys.path.insert(0, sys.argv[1])
-import grpo, train
+import checkpoint, grpo, runtime
 from model import Transformer, preset
 from tests.test_train import _fixed_batch
-d = train.init_distributed(train.RunConfig(device="cpu"))
+d = runtime.init_distributed("cpu")
 b = _fixed_batch()
 n = b.input_ids.shape[0] // d.world
 sl = slice(d.rank * n, (d.rank + 1) * n)
 mine = grpo.Batch(b.input_ids[sl], b.kv_start[sl], b.mask[sl], b.old_logprobs[sl], b.ref_logprobs[sl], b.advantages[sl])
 torch.manual_seed(0)
-model = train.shard(Transformer(preset("micro")), d)
+model = runtime.shard(Transformer(preset("micro")), d)
 opt = torch.optim.SGD(model.parameters(), lr=1e-2)
 cfg = grpo.GRPOConfig(micro_batch=3, max_new_tokens=8)
 stats = grpo.policy_update(model, mine, cfg, grpo.loss_preset(sys.argv[3]), opt, 1e-2, d.world, d.all_reduce)
-state = train.full_state(model)
+state = checkpoint.full_state(model)
 loss = d.all_reduce(stats["loss"])
 if d.main:
     torch.save({"state": state, "loss": loss}, sys.argv[2])
@@ -283,7 +288,8 @@ def test_malformed_sft_jsonl(capsys, pretrained, tmp_path):
 
 
 def test_nan_loss_stops_without_overwriting(capsys, pretrained, tmp_path):
-    from tasks import ToyArithmetic, write_jsonl
+    from data import write_jsonl
+    from toy import ToyArithmetic
     toy = ToyArithmetic()
     stream = toy.train_samples(1)
     data = tmp_path / "d.jsonl"
@@ -317,9 +323,9 @@ def test_checkpoint_of_another_layout_is_refused(tmp_path):
     """A ckpt whose tensor names differ from the model's (say, written before a layout change) gives
     a one-line error instead of loading with the missing tensors left at their initial values."""
     m = Transformer(preset("micro"))
-    opt = train.make_optimizer(m, 1e-3, 0.0)
+    opt = make_optimizer(m, 1e-3, 0.0)
     state = {k.replace("qkv_proj", "q_proj"): v for k, v in m.state_dict().items()}
-    (tmp_path / "ckpt").mkdir()
-    torch.save({"model": state, "optimizer": {}, "state": {}}, tmp_path / "ckpt" / "trainer_state.pt")
-    with pytest.raises(train.UserError, match="different model layout.*delete that ckpt"):
-        train.load_checkpoint(tmp_path / "ckpt", m, opt)
+    (tmp_path / "zero" / "ckpt").mkdir(parents=True)
+    torch.save({"model": state, "optimizer": {}, "state": {}}, tmp_path / "zero" / "ckpt" / "trainer_state.pt")
+    with pytest.raises(runtime.UserError, match="different model layout.*delete that ckpt"):
+        runtime.StageRun(tmp_path, "zero", runtime.Dist(), 1, {}).resume(m, opt)

@@ -1,0 +1,219 @@
+"""Measuring a model: held-out accuracy and the rest of the R1 report's numbers, tables and plots.
+
+- `evaluate`: greedy accuracy, format rate, language consistency and mean response length on
+  held-out samples; with k > 1 also pass@k (any of k sampled answers right) and maj@k (the most
+  common answer right, "cons@64" in the R1 report's Table 2 when k = 64).
+- `rm_score`: the reward model's mean score of a model's greedy answers to general prompts.
+- `format_table`, `plot_runs`: the summary table and the accuracy / response-length curves
+  against RL step (the report's Figures 2 and 3).
+- The recipe's measuring stages: `stage_eval` (one checkpoint, one JSON line), `stage_summary`
+  (every stage's model of a run directory, one table) and `stage_plot`.
+
+Evaluation splits the samples over ranks and sums the counts, so every rank gets the same numbers.
+Departures: the report samples 64 responses at temperature 0.6 for pass@1; here accuracy is
+greedy and pass@k / maj@k use the RL sampling temperature.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+import reward_model as rmod
+from rewards import accuracy_reward, extract_answer, format_reward, language_reward
+from rollout import gathered_weights, generate
+from runtime import Dist, UserError, find_model, get_task, load_frozen_rm, load_model
+
+
+def text_of(tok, ids: list[int]) -> str:
+    """A completion's text without its end-of-sequence token."""
+    return tok.decode([t for t in ids if t not in tok.eos_ids])
+
+
+def evaluate(model, tok, samples: list[dict], max_new_tokens: int, k: int = 1, seed: int = 0,
+             d: Dist | None = None, temperature: float = 1.0) -> dict:
+    """Greedy accuracy, format and language rates and mean length on `samples`; with k > 1 also
+    pass@k and maj@k over k samples at `temperature`."""
+    d = d or Dist()
+    mine = samples[d.rank::d.world]
+    prompts = [tok.encode(s["prompt"]) for s in mine]
+    sums = {"n": 0.0, "accuracy": 0.0, "format": 0.0, "language": 0.0, "response_length": 0.0}
+    if k > 1:
+        sums.update({f"pass@{k}": 0.0, f"maj@{k}": 0.0})
+    with torch.no_grad(), gathered_weights(model):
+        greedy = generate(model, prompts, max_new_tokens, temperature=0.0, eos_token_id=tok.eos_ids,
+                          pad_token_id=tok.pad_id) if prompts else None
+        sampled = (generate(model, prompts, max_new_tokens, temperature=temperature, num_samples=k,
+                            eos_token_id=tok.eos_ids, seed=seed, pad_token_id=tok.pad_id)
+                   if prompts and k > 1 else None)
+    for i, s in enumerate(mine):
+        text = text_of(tok, greedy.tokens[i])
+        sums["n"] += 1
+        sums["accuracy"] += accuracy_reward(text, s)
+        sums["format"] += format_reward(text)
+        sums["language"] += language_reward(text, s["prompt"])
+        sums["response_length"] += len(greedy.tokens[i])
+        if sampled is not None:
+            texts = [text_of(tok, t) for t in sampled.tokens[i * k:(i + 1) * k]]
+            rights = [accuracy_reward(t, s) for t in texts]
+            sums[f"pass@{k}"] += float(max(rights))
+            sums[f"maj@{k}"] += majority_right(texts, rights)
+    tot = {key: d.all_reduce(v) for key, v in sums.items()}
+    n = max(tot.pop("n"), 1.0)
+    return {key: v / n for key, v in tot.items()}
+
+
+def majority_right(texts: list[str], rights: list[float]) -> float:
+    """maj@k: whether the most common extracted answer (first seen wins a tie) is right."""
+    votes: dict[str, list[float]] = {}
+    for text, right in zip(texts, rights):
+        answer = extract_answer(text)
+        if answer is not None:
+            votes.setdefault(answer.strip(), []).append(right)
+    return float(max(votes.values(), key=len)[0]) if votes else 0.0
+
+
+def rm_score(model, tok, rm, rm_tok, samples: list[dict], max_new_tokens: int, max_len: int, d: Dist) -> float:
+    """Mean reward-model score of the model's greedy answers to `samples` (general prompts)."""
+    mine = samples[d.rank::d.world]
+    total = 0.0
+    if mine:
+        with torch.no_grad(), gathered_weights(model):
+            roll = generate(model, [tok.encode(s["prompt"]) for s in mine], max_new_tokens, temperature=0.0,
+                            eos_token_id=tok.eos_ids, pad_token_id=tok.pad_id)
+        texts = [text_of(tok, ids) for ids in roll.tokens]
+        total = float(rmod.score_texts(rm, rm_tok, [s["prompt"] for s in mine], texts, max_len).sum())
+    return d.all_reduce(total) / max(d.all_reduce(float(len(mine))), 1.0)
+
+
+def format_table(rows: list[dict], key: str, cols: list[str]) -> str:
+    """A plain-text table: one row per dict, `key` first, then `cols` (floats to 3 decimals)."""
+    def cell(v) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
+    table = [[key, *cols]] + [[cell(r.get(key)), *(cell(r.get(c)) for c in cols)] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in table)
+
+
+def plot_runs(dirs: list[Path], out: Path) -> list[Path]:
+    """accuracy.png and length.png in `out`: held-out (greedy) and training (sampled) accuracy and
+    mean response length against RL step, one line per run directory's metrics.jsonl. Raises
+    FileNotFoundError for a directory without metrics and ImportError without matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figs = {name: plt.subplots(figsize=(5, 3.5)) for name in ("accuracy", "length")}
+    for p in dirs:
+        mfile = p / "metrics.jsonl"
+        if not mfile.is_file():
+            raise FileNotFoundError(f"{mfile} not found; pass --runs with stage directories that hold "
+                                    "metrics.jsonl")
+        rows = [json.loads(ln) for ln in mfile.read_text().splitlines() if ln.strip()]
+        ev = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+        tr = [(r["step"], r["reward/accuracy"]) for r in rows if "reward/accuracy" in r]
+        ln = [(r["step"], r["response_length"]) for r in rows if "response_length" in r]
+        ax = figs["accuracy"][1]
+        if ev:
+            ax.plot(*zip(*ev), marker="o", label=f"{p} held-out (greedy)")
+        if tr:
+            ax.plot(*zip(*tr), alpha=0.5, label=f"{p} train (sampled)")
+        if ln:
+            figs["length"][1].plot(*zip(*ln), label=str(p))
+    written = []
+    for name, (fig, ax) in figs.items():
+        ax.set_xlabel("RL step")
+        ax.set_ylabel("accuracy" if name == "accuracy" else "mean response length (tokens)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        written.append(path)
+    return written
+
+
+# --- the measuring stages (recipe.RUNNERS) ---------------------------------------------------------
+
+def stage_eval(c: dict, d: Dist) -> dict:
+    """Held-out accuracy, format, language and length of --init (default: the run's latest model);
+    pass@k and maj@k with --k. One JSON line."""
+    run, g = c["run"], c["grpo"]
+    path = Path(run.init) if run.init else last_model(Path(run.out))
+    model, tok = load_model(find_model(run, str(path), "--init", "eval", "zero"), run, d)
+    ev = evaluate(model, tok, get_task(run, c["toy"]).eval_samples(run.eval_n), g.max_new_tokens, k=run.k,
+                  seed=run.seed, d=d, temperature=g.temperature)
+    if d.main:
+        print(json.dumps({"checkpoint": str(path), "n": run.eval_n, **ev}), flush=True)
+    return ev
+
+
+def last_model(out: Path) -> Path:
+    for stage in ("rl", "rs", "grpo", "sft", "zero", "pretrain"):
+        if (out / stage / "model" / "config.json").is_file():
+            return out / stage / "model"
+    raise UserError(f"stage eval: no trained model under {out}; pass --init DIR")
+
+
+SUMMARY_STAGES = ("pretrain", "zero", "sft", "grpo", "rs", "rl", "student_base", "distill", "distill_zero")
+GENERAL_EVAL_SEED = 10_007  # the general prompts of the summary (the toy has 32 distinct ones)
+
+
+def general_prompts(task, n: int) -> list[dict]:
+    """The distinct prompts among the task's first n general samples ([] for a task without any)."""
+    if not hasattr(task, "general_samples"):
+        return []
+    stream, seen, out = task.general_samples(GENERAL_EVAL_SEED), set(), []
+    for s in (next(stream) for _ in range(n)):
+        if s["prompt"] not in seen:
+            seen.add(s["prompt"])
+            out.append(s)
+    return out
+
+
+def stage_summary(c: dict, d: Dist) -> list[dict]:
+    """One table over every stage's model in <out>: held-out accuracy, format rate, language
+    consistency, reward-model score (greedy answers to general prompts; needs <out>/rm/model or
+    --reward_model) and mean response length. Written to <out>/summary.json."""
+    run, g = c["run"], c["grpo"]
+    out, task = Path(run.out), get_task(run, c["toy"])
+    have_rm = (Path(run.reward_model) if run.reward_model else out / "rm" / "model").is_dir()
+    rm, rm_tok = load_frozen_rm(run, d, "summary") if have_rm else (None, None)
+    general = general_prompts(task, run.eval_n)
+    rows = []
+    for st in SUMMARY_STAGES:
+        path = out / st / "model"
+        if not (path / "config.json").is_file():
+            continue
+        model, tok = load_model(path, run, d)
+        ev = evaluate(model, tok, task.eval_samples(run.eval_n), g.max_new_tokens, d=d)
+        if rm is not None and general:
+            ev["rm_score"] = rm_score(model, tok, rm, rm_tok, general, g.max_new_tokens, c["rm"].max_len, d)
+        rows.append({"stage": st, **ev})
+    if not rows:
+        raise UserError(f"stage summary: no trained model under {out}; run some stages first")
+    if d.main:
+        (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+        print(format_table(rows, "stage", ["accuracy", "format", "language", "rm_score", "response_length"]),
+              flush=True)
+        print(f"[summary] {run.eval_n} held-out problems, {len(general)} general prompts; wrote "
+              f"{out / 'summary.json'}", flush=True)
+    return rows
+
+
+def stage_plot(c: dict, d: Dist) -> None:
+    """accuracy.png and length.png in <out>: held-out accuracy and mean response length against RL
+    step, one line per run directory (for ablations: --runs runs/a/zero,runs/b/zero)."""
+    run = c["run"]
+    if not d.main:
+        return
+    dirs = [Path(p) for p in (run.runs.split(",") if run.runs else [str(Path(run.out) / "zero")])]
+    try:
+        written = plot_runs(dirs, Path(run.out))
+    except ImportError:
+        raise UserError("stage plot needs matplotlib: pip install -e '.[plot]'") from None
+    except FileNotFoundError as e:
+        raise UserError(f"stage plot: {e}") from None
+    for path in written:
+        print(f"[plot] wrote {path}", flush=True)

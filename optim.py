@@ -1,0 +1,59 @@
+"""The optimizer every update of the recipe takes: AdamW, a learning-rate schedule, one clipped step.
+
+- AdamW (Loshchilov & Hutter 2019) with betas (0.9, 0.95), the pair most LLM training uses
+  (GPT-3, Llama, DeepSeek-V3 all take beta2 = 0.95).
+- Supervised stages (toy pretraining, cold start, rejection-sampling SFT, distillation, the reward
+  model): linear warm-up, then cosine decay to a fraction of the peak (`lr_at`).
+- RL stages: linear warm-up, then constant (`warmup_lr`); DeepSeekMath §4.2 trains its policy at a
+  constant 1e-6.
+- `clip_and_step`: the global gradient-norm clip, then the step; a non-finite loss or gradient
+  norm drops the gradient and raises instead, so a blown-up step is never applied.
+
+Imports torch only: grpo.py, sft.py and reward_model.py share this one step.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+ADAM_BETAS = (0.9, 0.95)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    # foreach=False: the per-parameter loop, one code path for plain and FSDP2 (DTensor) parameters
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=ADAM_BETAS, weight_decay=weight_decay,
+                             foreach=False)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to peak * min_ratio at step `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def warmup_lr(step: int, peak: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then constant at `peak`."""
+    return peak * min(1.0, (step + 1) / max(1, warmup))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
+                  loss: float = 0.0) -> float:
+    """Clip the global gradient norm to `max_grad_norm`, step, zero the gradients; return the norm
+    before clipping. On a non-finite `loss` or norm: drop the gradient and raise FloatingPointError
+    (the caller stops without saving)."""
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)  # a DTensor under FSDP2
+    if not math.isfinite(grad_norm) or not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)  # never step on a non-finite gradient
+        raise FloatingPointError(f"loss {loss}, gradient norm {grad_norm}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

@@ -1,0 +1,331 @@
+"""What every stage runs on: processes and devices, sharding, the stage directory, and the one loop.
+
+- `init_distributed` and `Dist`: a plain `python` run is one rank; under `torchrun` every process is
+  a rank (gloo on CPU, NCCL on GPU). This is the one place a process group is set up.
+- `shard`: FSDP2 (`fully_shard` on each block, then the root), applied after the model is built;
+  checkpoints hold unwrapped names (checkpoint.py gathers full tensors).
+- `StageRun`: one stage's directory `<out>/<stage>`: `run_config.json` (every resolved setting),
+  `metrics.jsonl` (one row a step), `ckpt/` (trainer state, to resume a killed run) and `model/`.
+- `fit`: the one training loop. Every stage's steps come from a generator (supervised steps from
+  `supervised_steps`, RL steps from `grpo.train_rl`); `fit` checks each step's loss, logs it,
+  prints progress, evaluates, checkpoints, and stops at the end or on a time budget.
+- `ExampleStream`: an endless, reshuffled-each-epoch stream over a list, resumable by position.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+import tasks
+from checkpoint import (RM_MARKER, has_trainer_state, load_pretrained, load_reward_model, load_trainer_state,
+                        save_model, save_trainer_state)
+from model import Transformer
+from optim import lr_at
+from reward_model import RewardModel
+from tokenizer import Tokenizer
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PROGRESS_LINES = 20  # a stage prints about this many progress lines, plus every eval and the last step
+
+
+class UserError(Exception):
+    """A problem the person running the command can fix; printed as one line, exit code 2."""
+
+
+# --- processes and devices --------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, x: float, op: str = "sum") -> float:
+        """`x` summed (or maxed) over ranks."""
+        if self.world == 1:
+            return x
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+        torch.distributed.all_reduce(t, op=reduce_op)
+        return float(t.item())
+
+    def sum_fn(self):
+        """all_reduce as the step functions take it: None on one process."""
+        return self.all_reduce if self.world > 1 else None
+
+    def gather(self, rows: list) -> list:
+        """Every rank's rows, in rank order, on every rank."""
+        if self.world == 1:
+            return rows
+        parts = [None] * self.world
+        torch.distributed.all_gather_object(parts, rows)
+        return [r for part in parts for r in part]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(device: str) -> Dist:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: gloo on CPU, NCCL on GPU. `device` is auto, cpu or cuda."""
+    if device not in DEVICES:
+        raise UserError(f"--device {device!r}: use {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if want_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if want_cuda else "gloo")
+    return Dist(rank, world, dev)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on CUDA, fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"--dtype {name!r}: use auto, {' or '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def shard(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
+    """FSDP2: shard each block, then the root (embeddings, final norm, head). No-op on one rank.
+    A RewardModel is sharded the same way through its backbone's blocks."""
+    if d.world == 1:
+        return model
+    from torch.distributed.fsdp import fully_shard
+    for block in (model.backbone if isinstance(model, RewardModel) else model).layers:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+# --- checkpoints a stage starts from ------------------------------------------------------------------
+
+# `run` below is the recipe's RunConfig (recipe.py): its out, dtype, task and reward_model.
+
+def find_model(run, given: str, flag: str, stage: str, previous: str, what: str = "checkpoint") -> Path:
+    """`given` if set, else <out>/<previous>/model: the model a stage starts from, checked to exist."""
+    path = Path(given) if given else Path(run.out) / previous / "model"
+    if not (path / "config.json").is_file():
+        hint = (f"run --stage {previous} first, or pass {flag} DIR" if not given
+                else "pass a directory holding config.json, *.safetensors and tokenizer.json")
+        raise UserError(f"stage {stage}: no {what} at {path}; {hint}")
+    return path
+
+
+def load_model(path: Path, run, d: Dist) -> tuple[Transformer, Tokenizer]:
+    """A checkpoint's model (on this rank's device, in --dtype) and its tokenizer."""
+    try:
+        tok = Tokenizer.from_dir(path)
+        model = load_pretrained(path, dtype=resolve_dtype(run.dtype, d.device), device=d.device)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+    return model, tok
+
+
+def load_frozen_rm(run, d: Dist, stage: str) -> tuple[RewardModel, Tokenizer]:
+    """The reward model at --reward_model (default <out>/rm/model), unsharded on every rank and
+    frozen: it only scores."""
+    path = Path(run.reward_model) if run.reward_model else Path(run.out) / "rm" / "model"
+    if not (path / RM_MARKER).is_file():
+        hint = ("run --stage rm first, or pass --reward_model DIR" if not run.reward_model
+                else "pass a directory written by --stage rm")
+        raise UserError(f"stage {stage}: no reward model at {path}; {hint}")
+    try:
+        rm, tok = load_reward_model(path, dtype=resolve_dtype(run.dtype, d.device), device=d.device)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+    return rm.requires_grad_(False), tok
+
+
+def get_task(run, toy_cfg):
+    """The task named by --task (tasks.get_task), with the toy's settings for the toy."""
+    return tasks.get_task(run.task, **({"cfg": toy_cfg} if run.task == "toy" else {}))
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+class ExampleStream:
+    """An endless stream over `examples`, reshuffled every epoch; `position` (examples handed out so
+    far) is all a resumed run needs to continue the same order."""
+
+    def __init__(self, examples: list, seed: int, position: int = 0):
+        if not examples:
+            raise UserError("the training data is empty; check the data file or the filter that built it")
+        self.examples, self.seed, self.position = examples, seed, 0
+        self._order: list[int] = []
+        self.take(position)
+
+    def take(self, n: int) -> list:
+        out = []
+        for _ in range(n):
+            epoch, i = divmod(self.position, len(self.examples))
+            if i == 0 or not self._order:
+                self._order = list(range(len(self.examples)))
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
+            out.append(self.examples[self._order[i]])
+            self.position += 1
+        return out
+
+
+# --- one stage's directory ----------------------------------------------------------------------------
+
+class Metrics:
+    """metrics.jsonl, one JSON object a step, written by rank 0. On resume, rows past the resumed
+    step are dropped, so the file reads as if the run had never stopped."""
+
+    def __init__(self, path: Path, d: Dist, resume_step: int):
+        self.path, self.d = path, d
+        if d.main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rows = []
+            if resume_step and path.exists():
+                rows = [ln for ln in path.read_text().splitlines()
+                        if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(r + "\n" for r in rows))
+
+    def log(self, row: dict) -> None:
+        if self.d.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+class StageRun:
+    """<out>/<name>: run_config.json, metrics.jsonl, ckpt/ and model/ of one stage.
+
+    `resume(model, optimizer)` restores ckpt/ if a killed run left one (else starts at step 0),
+    writes run_config.json and opens metrics.jsonl; `start` is then the first step to run."""
+
+    def __init__(self, out: str | Path, name: str, d: Dist, ckpt_every: int, config: dict):
+        self.name, self.d, self.ckpt_every, self.config = name, d, ckpt_every, config
+        self.dir = Path(out) / name
+        self.ckpt = self.dir / "ckpt"
+        self.start = 0
+
+    def resume(self, model, optimizer) -> dict:
+        state = {"step": 0}
+        if has_trainer_state(self.ckpt):
+            try:
+                state = load_trainer_state(self.ckpt, model, optimizer)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        self.start = state["step"]
+        if self.d.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            blob = {k: asdict(v) for k, v in self.config.items()}
+            blob["world_size"] = self.d.world
+            (self.dir / "run_config.json").write_text(json.dumps(blob, indent=2) + "\n")
+        self.metrics = Metrics(self.dir / "metrics.jsonl", self.d, self.start)
+        return state
+
+    def print(self, text: str) -> None:
+        if self.d.main:
+            print(f"[{self.name}] {text}", flush=True)
+
+    def save_state(self, model, optimizer, tok, state: dict) -> None:
+        save_trainer_state(self.ckpt, model, optimizer, state, tok, main=self.d.main)
+        self.d.barrier()
+
+    def save_model(self, model, tok) -> Path:
+        """The stage's result, <dir>/model (a reward model's directory for a RewardModel)."""
+        path = self.dir / "model"
+        save_model(model, tok, path, main=self.d.main)
+        self.d.barrier()
+        self.print(f"wrote {path}")
+        return path
+
+    def non_finite(self, what: str, value: float, step: int) -> UserError:
+        return UserError(f"step {step}: {what} is {value} (non-finite); stopped without saving, the last "
+                         f"good checkpoint is {self.ckpt} -- lower the learning rate or check the data")
+
+
+def _fmt(v) -> str:
+    """4 significant digits for rates and losses, whole numbers for throughputs."""
+    if not isinstance(v, float):
+        return str(v)
+    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+
+def progress_line(step: int, total: int, seconds: float, row: dict, keys: Sequence[str]) -> str:
+    left = seconds / max(step, 1) * (total - step)
+    parts = [f"{k} {_fmt(row[k])}" for k in keys if k in row]
+    return f"step {step}/{total}  " + "  ".join(parts) + f"  ({seconds:.0f}s, {left:.0f}s left)"
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+
+def supervised_steps(step_fn: Callable, stream: ExampleStream, batch_size: int, start: int, total: int,
+                     lr: Callable[[int], float]) -> Iterator[dict]:
+    """The steps of a supervised stage: `step_fn(batch, lr)` (sft.sft_step or reward_model.rm_step,
+    with the model and optimizer bound) on the stream's next global batch, from step `start`."""
+    for step in range(start, total):
+        yield step_fn(stream.take(batch_size), lr(step))
+
+
+def cosine_lr(cfg) -> Callable[[int], float]:
+    """The supervised schedule of an SFTConfig or RMConfig (optim.lr_at)."""
+    return lambda step: lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+
+
+def fit(run: StageRun, model, optimizer, tok, steps: Iterator[dict], total: int, *,
+        loop_state: Callable[[], dict], keys: Sequence[str], evaluate: Callable[[], dict] | None = None,
+        eval_every: int = 0, time_budget: float = 0.0) -> dict:
+    """Run `steps` (one metrics row per optimizer step, from step `run.start` on) to `total` steps.
+
+    After each step: stop on a non-finite loss (nothing is saved, the last checkpoint stays), log
+    the row, evaluate every `eval_every` steps and at the end (`evaluate() -> {name: value}`, also
+    at step 0 of a fresh run), print about PROGRESS_LINES lines, and save the trainer state (model,
+    optimizer, `loop_state()`) every `run.ckpt_every` steps and at the end. `time_budget` > 0 stops
+    once the steps themselves (evaluations and saving not counted) have taken that many seconds, on
+    the slowest rank's clock so every rank stops at the same step. Returns {steps, seconds}.
+    """
+    d = run.d
+    if evaluate is not None and run.start == 0:
+        ev = evaluate()
+        run.metrics.log({"step": 0, **{f"eval/{k}": v for k, v in ev.items()}})
+        run.print("step 0 held-out " + "  ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+    every = max(1, total // PROGRESS_LINES)
+    t0, step_time, step = time.perf_counter(), 0.0, run.start
+    steps = iter(steps)
+    while step < total:
+        ts = time.perf_counter()
+        try:
+            row = next(steps)
+        except FloatingPointError as e:  # clip_and_step refused a non-finite loss or gradient
+            raise run.non_finite(str(e), float("nan"), step + 1) from None
+        step_time += time.perf_counter() - ts
+        step += 1
+        if not math.isfinite(row["loss"]):
+            raise run.non_finite("loss", row["loss"], step)
+        done = step == total or (time_budget > 0 and d.all_reduce(step_time, "max") >= time_budget)
+        row = {"step": step, **row}
+        if evaluate is not None and ((eval_every and step % eval_every == 0) or done):
+            row.update({f"eval/{k}": v for k, v in evaluate().items()})
+        run.metrics.log(row)
+        if step % every == 0 or done or "eval/accuracy" in row:
+            run.print(progress_line(step, total, time.perf_counter() - t0, row, keys))
+        if step % run.ckpt_every == 0 or done:
+            run.save_state(model, optimizer, tok, {**loop_state(), "step": step})
+        if done:
+            break
+    return {"steps": step, "seconds": step_time}
