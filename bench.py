@@ -101,7 +101,7 @@ def bench_rollout(args) -> None:
 def _bench_rollout(args) -> None:
     import transformers
 
-    from model import Transformer
+    from checkpoint import load_pretrained
     from rollout import generate, generate_naive
 
     P, G, T = args.prompts, args.samples, args.new_tokens
@@ -109,7 +109,7 @@ def _bench_rollout(args) -> None:
     with tempfile.TemporaryDirectory() as d:
         cfg = transformers.Qwen2Config(**ROLLOUT_MODEL, pad_token_id=0, eos_token_id=None, bos_token_id=None)
         transformers.Qwen2ForCausalLM(cfg).save_pretrained(d)
-        ours = Transformer.from_pretrained(d, device=args.device).eval()
+        ours = load_pretrained(d, device=args.device).eval()
         hf = transformers.AutoModelForCausalLM.from_pretrained(d).to(args.device).eval()
     prompts = rollout_prompts(P, ROLLOUT_MODEL["vocab_size"], args.min_prompt, args.max_prompt)
     ids, mask = (x.to(args.device) for x in hf_generate_inputs(prompts, pad=0))

@@ -10,11 +10,9 @@ Attention runs through `kernels.attention` (our Triton FlashAttention-2 kernel o
 SDPA elsewhere or without Triton), or `kernels.prefix_attention` when the KV cache shares a prompt
 among rows. Everything else is plain torch; the sampler's CPU fast paths are applied from outside,
 by `kernels.cpu_decode` around its prefill and decode loop.
-Checkpoints are read and written in the Hugging Face layout (config.json, *.safetensors, optional
-model.safetensors.index.json) and the same tensor names, so the
-transformers library and other HF-layout tools load what we save and we load what they save.
-The one renaming: q/k/v and gate/up projections are stored fused (`qkv_proj`, `gate_up_proj`, one
-matmul each instead of three and two; see `FUSED`) and split or stacked on save and load.
+Module names follow the Hugging Face checkpoints', so checkpoint.py reads and writes their layout;
+the one renaming: q/k/v and gate/up projections are stored fused (`qkv_proj`, `gate_up_proj`, one
+matmul each instead of three and two), split or stacked on save and load (`checkpoint.FUSED`).
 
 Shape legend (used in every comment of this project):
     B batch, T time (tokens in this call), S cache slots (keys visible), H query heads,
@@ -30,12 +28,8 @@ Departures from the reference implementations:
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -44,6 +38,9 @@ import torch.nn.functional as F
 from kernels import attention, padding_mask, prefix_attention
 
 # --- config -----------------------------------------------------------------------------------
+
+
+MODEL_TYPES = ("qwen2", "qwen3", "llama")  # the HF model_type names this one class reads
 
 
 @dataclass
@@ -71,75 +68,11 @@ class ModelConfig:
     def __post_init__(self):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_heads
-        if self.model_type not in ARCHITECTURES:
-            raise ValueError(f"model_type {self.model_type!r} is not supported; use one of {sorted(ARCHITECTURES)}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} is not supported; use one of {sorted(MODEL_TYPES)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
 
-    # -- HF config.json <-> ModelConfig
-    @classmethod
-    def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
-        mt = cfg.get("model_type")
-        if mt not in ARCHITECTURES:
-            raise ValueError(f"{source}: model_type {mt!r} is not supported; this project loads "
-                             f"{', '.join(sorted(ARCHITECTURES))} checkpoints")
-        if cfg.get("use_sliding_window"):
-            raise ValueError(f"{source}: use_sliding_window=true is not supported; set it to false "
-                             "(Qwen2.5 checkpoints ship with it off)")
-        # transformers>=5 writes rope_parameters; older checkpoints write rope_theta + rope_scaling.
-        rope = dict(cfg.get("rope_parameters") or {})
-        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind == "default":
-                scaling = None
-            elif kind != "llama3":
-                raise ValueError(f"{source}: rope scaling {kind!r} is not supported; only 'llama3' is")
-            else:
-                scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
-        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("mlp_bias"):
-            raise ValueError(f"{source}: only SiLU MLPs without bias are supported")
-        qkv_bias = True if mt == "qwen2" else bool(cfg.get("attention_bias", False))
-        return cls(
-            model_type=mt, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
-            num_heads=cfg["num_attention_heads"],
-            num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            head_dim=cfg.get("head_dim"), max_seq_len=cfg.get("max_position_embeddings", 2048),
-            rope_theta=float(theta), rope_scaling=scaling, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            qkv_bias=qkv_bias, qk_norm=(mt == "qwen3"),
-            tie_embeddings=cfg.get("tie_word_embeddings", False),
-            bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
-            pad_token_id=cfg.get("pad_token_id"), init_std=cfg.get("initializer_range", 0.02),
-        )
-
-    def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
-        cfg = {
-            "architectures": [ARCHITECTURES[self.model_type]], "model_type": self.model_type,
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim, "max_position_embeddings": self.max_seq_len,
-            "rope_theta": self.rope_theta, "rms_norm_eps": self.rms_norm_eps,
-            "hidden_act": "silu", "tie_word_embeddings": self.tie_embeddings,
-            "initializer_range": self.init_std, "torch_dtype": str(dtype).removeprefix("torch."),
-            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id, "use_cache": True,
-        }
-        if self.rope_scaling:
-            cfg["rope_scaling"] = dict(self.rope_scaling)
-        if self.model_type == "llama":
-            cfg.update(attention_bias=self.qkv_bias, mlp_bias=False)
-        if self.model_type == "qwen3":
-            cfg.update(attention_bias=self.qkv_bias)
-        if self.model_type in ("qwen2", "qwen3"):
-            cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_layers)
-        return cfg
-
-
-ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
-MODEL_TYPES = tuple(ARCHITECTURES)
 
 # Named presets. "toy" is the embedded default (about 0.8M parameters with the toy's ~60-token
 # vocabulary); the others are the published shapes, for building a model to load weights into.
@@ -150,7 +83,7 @@ PRESETS: dict[str, dict] = {
     # of "toy", the same head size, about 1/7 of its parameters
     "toy-small": dict(model_type="qwen2", hidden_size=64, intermediate_size=192, num_layers=2,
                       num_heads=2, num_kv_heads=1, max_seq_len=256, rope_theta=10000.0, qkv_bias=True),
-    # for tests: the same family at a size where every stage runs in a second or two
+    # for tests: the same family, small enough that every stage runs in the CPU test suite
     "micro": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=2, num_kv_heads=1, max_seq_len=256, qkv_bias=True),
     "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -314,7 +247,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.H, self.Hkv, self.D = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # q, k and v projections as one matmul: the rows of qkv_proj are [q_proj; k_proj; v_proj]
-        # (see FUSED). One (B*T, C) x (C, (H + 2Hkv) D) product instead of three small ones.
+        # (checkpoint.FUSED). One (B*T, C) x (C, (H + 2Hkv) D) product instead of three small ones.
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.H * self.D, cfg.hidden_size, bias=False)
         if cfg.qk_norm:  # Qwen3: normalise each head's q and k before the rotation
@@ -346,7 +279,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x)). gate and up are one matmul: the rows of
-    gate_up_proj are [gate_proj; up_proj] (see FUSED)."""
+    gate_up_proj are [gate_proj; up_proj] (checkpoint.FUSED)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -375,7 +308,7 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """Module names follow the HF checkpoints (without the leading "model."), except the fused
-    projections; `hf_parts` maps each state-dict tensor onto the checkpoint's."""
+    projections; `checkpoint.hf_parts` maps each state-dict tensor onto the checkpoint's."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -433,141 +366,3 @@ class Transformer(nn.Module):
     def new_cache(self, batch_size: int, max_len: int, start: torch.Tensor | None = None) -> KVCache:
         p = self.embed_tokens.weight
         return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype, start=start)
-
-    # -- checkpoints
-    @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu") -> "Transformer":
-        """Load an HF-layout directory: config.json plus model.safetensors or shards + index."""
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint directory {path} does not exist; pass a directory "
-                                    "with config.json and *.safetensors")
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{cfg_file} not found; an HF-layout checkpoint needs config.json")
-        cfg = ModelConfig.from_hf(json.loads(cfg_file.read_text()), source=str(cfg_file))
-        with torch.device("meta"):
-            model = cls(cfg)
-        tensors = read_safetensors(path)
-        state = {}
-        expected = {k: v for k, v in model.state_dict().items()}
-        for name, ref in expected.items():
-            parts = hf_parts(name, cfg)  # [(HF tensor, rows)]: several for a fused projection
-            if name == "lm_head.weight" and cfg.tie_embeddings and parts[0][0] not in tensors:
-                continue
-            pieces = []
-            for hf, rows in parts:
-                if hf not in tensors:
-                    raise ValueError(f"{path}: tensor {hf} is missing from the checkpoint; "
-                                     f"is it a complete {cfg.model_type} checkpoint?")
-                t = tensors.pop(hf)
-                want = tuple(ref.shape) if rows is None else (rows, *ref.shape[1:])
-                if tuple(t.shape) != want:
-                    raise ValueError(f"{path}: tensor {hf} has shape {tuple(t.shape)}, config.json implies "
-                                     f"{want}; config and weights disagree")
-                pieces.append(t)
-            state[name] = torch.cat(pieces).to(dtype) if len(pieces) > 1 else pieces[0].to(dtype)
-        tensors.pop("lm_head.weight", None)  # some tied checkpoints store the head anyway
-        stray = [k for k in tensors if not k.endswith("rotary_emb.inv_freq")]
-        if stray:
-            raise ValueError(f"{path}: unexpected tensor {stray[0]} (+{len(stray) - 1} more); "
-                             f"the weights do not match a {cfg.model_type} model")
-        model.load_state_dict(state, strict=False, assign=True)
-        if cfg.tie_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        model.inv_freq = rope_frequencies(cfg)
-        return model.to(device)
-
-    def save_pretrained(self, path, tokenizer=None, max_shard_bytes: int = 4 << 30) -> None:
-        """Write config.json, generation_config.json, safetensors (sharded above max_shard_bytes)
-        and the tokenizer files, atomically: into a temporary sibling directory that then takes
-        the place of `path`, so a crash never leaves a half-written checkpoint where a good one was."""
-        from safetensors.torch import save_file
-        path = Path(path)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        state = {}
-        for name, v in self.state_dict().items():
-            if name == "lm_head.weight" and self.cfg.tie_embeddings:
-                continue
-            parts = hf_parts(name, self.cfg)
-            chunks = v.detach().cpu().split([rows for _, rows in parts]) if len(parts) > 1 else [v.detach().cpu()]
-            state.update({hf: c.contiguous() for (hf, _), c in zip(parts, chunks)})
-        dtype = next(iter(state.values())).dtype
-        shards, cur, size = [], {}, 0
-        for k, v in state.items():
-            nbytes = v.numel() * v.element_size()
-            if cur and size + nbytes > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[k], size = v, size + nbytes
-        shards.append(cur)
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / fname, metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-            total = sum(v.numel() * v.element_size() for v in state.values())
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-        cfg = self.cfg
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-            cfg = ModelConfig(**{**asdict(cfg), "eos_token_id": tokenizer.eos_id,
-                                 "pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id})
-        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(dtype), indent=2) + "\n")
-        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-               "pad_token_id": cfg.pad_token_id}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        replace_dir(tmp, path)
-
-
-# Fused projections and the HF tensors they stack along dim 0, in this order.
-FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
-
-
-def hf_parts(name: str, cfg: ModelConfig) -> list[tuple[str, int | None]]:
-    """Our state-dict name -> [(HF checkpoint tensor name, rows along dim 0)]. One entry with rows
-    None for a plain tensor; one entry per stacked HF tensor for a fused projection."""
-    prefix = "" if name.startswith("lm_head.") else "model."
-    for fused, parts in FUSED.items():
-        if f".{fused}." in name:
-            layer, kind = name.split(f".{fused}.")  # "layers.3", "weight" or "bias"
-            D, I = cfg.head_dim, cfg.intermediate_size
-            rows = ((cfg.num_heads * D, cfg.num_kv_heads * D, cfg.num_kv_heads * D) if fused.endswith("qkv_proj")
-                    else (I, I))
-            return [(f"{prefix}{layer}.{p}.{kind}", n) for p, n in zip(parts, rows)]
-    return [(prefix + name, None)]
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a single-file or sharded (index.json) safetensors checkpoint."""
-    from safetensors.torch import load_file
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json; "
-                                "save the weights in safetensors format (save_pretrained does)")
-    out = {}
-    for f in files:
-        if not (path / f).is_file():
-            raise FileNotFoundError(f"{path / f} is listed in the index but missing; re-download the shard")
-        out.update(load_file(str(path / f)))
-    return out
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move directory src to dst, replacing dst; dst is whole before and after, never half-written."""
-    old = dst.with_name(dst.name + f".old-{os.getpid()}")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)

@@ -34,8 +34,7 @@ Departures and choices:
   copies the shared prompt slots into the rows it keeps (from then on a plain per-row cache).
 - The random stream is shared by the batch, so a sample's tokens depend on the seed *and* on the
   other rows (compaction changes the shape of each draw). Same inputs + same seed = same rollout.
-- Stop strings are matched on the decoded text of each row's last few tokens (see `_stop_window`),
-  never on the prompt; a stop string split over more tokens than that window is missed.
+- A completion ends at an end-of-sequence id or at max_new_tokens; there are no stop strings.
 - top-k keeps every token tied with the k-th largest logit (no tie-breaking).
 - The longest prompt plus max_new_tokens must fit in the model's context (`cfg.max_seq_len`).
 - On CPU, prefill and the decode loop run inside `kernels.cpu_decode.cpu_decode`: oneDNN's matmuls
@@ -61,7 +60,7 @@ import torch.utils.checkpoint
 
 from kernels.cpu_decode import cpu_decode
 
-FINISH_REASONS = ("length", "eos", "stop")  # code 0, 1, 2 in the per-row finish tensor
+FINISH_REASONS = ("length", "eos")  # code 0, 1 in the per-row finish tensor
 # Compact the batch (copy the alive rows of the cache) once fewer than this fraction of rows is alive:
 # the copy costs about as much memory traffic as one decode step, so it pays only if it removes a
 # sizeable share of every later step's work.
@@ -79,7 +78,7 @@ class Rollout:
     tokens: list[list[int]]        # completion ids, without the prompt, ending with EOS if produced
     logprobs: list[list[float]]    # log softmax(logits / temperature)[token], before top-k/top-p
                                    # truncation (temperature 1 if greedy): what the trainer recomputes
-    finish_reasons: list[str]      # "eos", "stop" or "length"
+    finish_reasons: list[str]      # "eos" or "length"
     input_ids: torch.Tensor        # (N, Tp + Tc) long: left-padded prompt, right-padded completion
     kv_start: torch.Tensor         # (N,) long: number of left pads = first real slot of each row
     completion_mask: torch.Tensor  # (N, Tp + Tc) float: 1 on completion tokens (EOS included)
@@ -102,10 +101,10 @@ def _inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> to
     """One draw per row from unnormalised weights (B, V) >= 0: the first token whose cumulative
     weight exceeds u * total, u ~ U[0, 1).
 
-    One uniform per row instead of torch.multinomial's V exponentials per row (13x cheaper on CPU at
-    V = 2048), in two levels: cumulative sums over blocks of _CDF_BLOCK tokens pick the block, then a
-    cumulative sum inside that block picks the token, so only V / _CDF_BLOCK + _CDF_BLOCK prefix sums
-    run per row instead of V (4x cheaper again at V = 2048). Sums are float64, so no token's weight is
+    One uniform per row instead of torch.multinomial's V exponentials per row, in two levels:
+    cumulative sums over blocks of _CDF_BLOCK tokens pick the block, then a cumulative sum inside
+    that block picks the token, so only V / _CDF_BLOCK + _CDF_BLOCK prefix sums run per row instead
+    of V. Sums are float64, so no token's weight is
     absorbed by rounding (float32 spacing near 1 is 6e-8); a zero-weight token is never drawn.
     """
     B, V = weights.shape
@@ -176,13 +175,6 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     return torch.cat(out, 1)                                   # (N, L)
 
 
-def _stop_window(stop: list[str]) -> int:
-    """Tokens decoded per row per step to look for stop strings: a stop string of n characters
-    spans at most n tokens when every token decodes to at least one character; the slack covers
-    byte-level tokens that decode to nothing until the UTF-8 character they start is complete."""
-    return max(len(s) for s in stop) + 4
-
-
 # --- FSDP2: gather the weights once per rollout -------------------------------------------------
 
 @contextlib.contextmanager
@@ -225,7 +217,7 @@ def gathered_weights(model: torch.nn.Module):
 
 # --- generation ---------------------------------------------------------------------------------
 
-def _check_inputs(model, prompts, max_new_tokens, temperature, top_k, top_p, num_samples, stop, tokenizer):
+def _check_inputs(model, prompts, max_new_tokens, temperature, top_k, top_p, num_samples):
     """Raise one clear ValueError for input a caller can get wrong."""
     V, ctx = model.cfg.vocab_size, model.cfg.max_seq_len
     if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, (list, tuple)):
@@ -254,8 +246,6 @@ def _check_inputs(model, prompts, max_new_tokens, temperature, top_k, top_p, num
     bad = ((flat < 0) | (flat >= V)).nonzero()
     if len(bad):
         raise ValueError(f"generate: token id {flat[bad[0, 0]].item()} is outside the vocabulary [0, {V})")
-    if stop and tokenizer is None:
-        raise ValueError("generate: stop strings need tokenizer= (any object with .decode(ids))")
 
 
 def _eos_tensor(eos_token_id, V: int, device) -> torch.Tensor | None:
@@ -283,18 +273,16 @@ def _last_logits(model, ids, cache=None, kv_start=None) -> torch.Tensor:
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, num_samples: int = 1, eos_token_id=None,
-             stop: list[str] | None = None, seed: int | None = None, tokenizer=None,
-             pad_token_id: int = 0) -> Rollout:
+             seed: int | None = None, pad_token_id: int = 0) -> Rollout:
     """Sample `num_samples` completions of up to `max_new_tokens` tokens for each prompt.
 
     prompts: token-id lists of any lengths. temperature 0 is greedy. eos_token_id: an id, a list of
-    ids, or None (every row runs to max_new_tokens). stop: strings that end a completion (kept up
-    to and including the token that completes one); needs `tokenizer`. seed: fixes the rollout;
-    None draws one from torch's global RNG. pad_token_id fills the padding of `Rollout.input_ids`.
+    ids, or None (every row runs to max_new_tokens). seed: fixes the rollout; None draws one from
+    torch's global RNG. pad_token_id fills the padding of `Rollout.input_ids`. On CPU the whole
+    rollout runs inside `kernels.cpu_decode.cpu_decode` (see the module docstring).
     """
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
-    _check_inputs(model, prompts, max_new_tokens, temperature, top_k, top_p, num_samples, stop, tokenizer)
-    with torch.no_grad(), gathered_weights(model):
+    _check_inputs(model, prompts, max_new_tokens, temperature, top_k, top_p, num_samples)
+    with torch.no_grad(), gathered_weights(model), cpu_decode(model):
         device = model.lm_head.weight.device
         V, G, P = model.cfg.vocab_size, num_samples, len(prompts)
         N = P * G
@@ -307,8 +295,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         prompt_ids, start = _left_pad(prompts, pad_token_id, device)    # (P, Tp), (P,)
         Tp = prompt_ids.shape[1]
         cache = model.new_cache(P, Tp + max_new_tokens - 1, start=start)  # the last token is never fed
-        with cpu_decode(model):  # prefill too: measured faster, see kernels/cpu_decode.py
-            logits = _last_logits(model, prompt_ids, cache)                # (P, V)
+        logits = _last_logits(model, prompt_ids, cache)                    # (P, V)
         expand = torch.arange(P, device=device).repeat_interleave(G)       # (N,) row -> prompt
         if G > 1:
             cache = cache.share_prefix(G)                                  # prompt slots stored once
@@ -320,40 +307,22 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         finish = torch.zeros(N, dtype=torch.long, device=device)           # (N,) FINISH_REASONS code
         rows = torch.arange(N, device=device)  # (B,) output row of each batch row
         alive = torch.ones(N, dtype=torch.bool, device=device)  # (B,) rows whose completion is open
-        texts = [[] for _ in range(N)] if stop else None  # host copies of the tokens for stop matching
-        window = _stop_window(stop) if stop else 0
-        with cpu_decode(model):  # CPU: oneDNN matmuls on every thread, a step's small ops on one
-            for t in range(max_new_tokens):
-                tok, lp = sample(logits, temperature, top_k, top_p, gen)      # (B,), (B,)
-                out_tokens[rows, t] = tok    # dead rows write too; their lengths stop counting
-                out_logprobs[rows, t] = lp
-                lengths[rows] += alive
-                done = torch.zeros_like(alive) if eos is None else torch.isin(tok, eos) & alive  # (B,)
-                finish[rows[done]] = 1
-                if stop:
-                    hit = _stop_hits(tok, alive & ~done, rows, texts, stop, window, tokenizer)  # (B,)
-                    finish[rows[hit]] = 2
-                    done |= hit
-                alive &= ~done
-                n_alive = int(alive.sum())
-                if n_alive == 0 or t == max_new_tokens - 1:
-                    break
-                if n_alive < _COMPACT_BELOW * alive.numel():  # drop finished rows from the batch
-                    keep = alive.nonzero().squeeze(1)          # (B',)
-                    cache, rows, tok, alive = cache.select(keep), rows[keep], tok[keep], alive[keep]
-                logits = _last_logits(model, tok[:, None], cache)              # (B, V)
+        for t in range(max_new_tokens):
+            tok, lp = sample(logits, temperature, top_k, top_p, gen)          # (B,), (B,)
+            out_tokens[rows, t] = tok    # dead rows write too; their lengths stop counting
+            out_logprobs[rows, t] = lp
+            lengths[rows] += alive
+            done = torch.zeros_like(alive) if eos is None else torch.isin(tok, eos) & alive  # (B,)
+            finish[rows[done]] = 1
+            alive &= ~done
+            n_alive = int(alive.sum())
+            if n_alive == 0 or t == max_new_tokens - 1:
+                break
+            if n_alive < _COMPACT_BELOW * alive.numel():  # drop finished rows from the batch
+                keep = alive.nonzero().squeeze(1)          # (B',)
+                cache, rows, tok, alive = cache.select(keep), rows[keep], tok[keep], alive[keep]
+            logits = _last_logits(model, tok[:, None], cache)                  # (B, V)
     return _pack(prompt_ids, start, expand, out_tokens, out_logprobs, lengths, finish, pad_token_id)
-
-
-def _stop_hits(tok, open_rows, rows, texts, stop, window, tokenizer) -> torch.Tensor:
-    """Append this step's tokens to the open rows' host lists; True where a stop string just ended."""
-    hit = torch.zeros_like(open_rows)
-    for b, (r, t, o) in enumerate(zip(rows.tolist(), tok.tolist(), open_rows.tolist())):
-        if o:
-            texts[r].append(t)
-            tail = tokenizer.decode(texts[r][-window:])
-            hit[b] = any(s in tail for s in stop)
-    return hit
 
 
 def _pack(prompt_ids, start, expand, out_tokens, out_logprobs, lengths, finish, pad) -> Rollout:
@@ -402,11 +371,11 @@ def concat_groups(parts: list[tuple[Rollout, list[int]]], G: int, pad_id: int) -
 def generate_naive(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                    top_p: float = 1.0, top_k: int = 0, num_samples: int = 1, eos_token_id=None,
                    seed: int | None = None, pad_token_id: int = 0) -> Rollout:
-    """The slow reference: no cache, every step recomputes the whole (N, Tp + t) batch; no stop strings.
+    """The slow reference: no cache, every step recomputes the whole (N, Tp + t) batch.
 
     Same sampling, same outputs; greedy rollouts must equal `generate`'s token for token.
     """
-    _check_inputs(model, prompts, max_new_tokens, temperature, top_k, top_p, num_samples, None, None)
+    _check_inputs(model, prompts, max_new_tokens, temperature, top_k, top_p, num_samples)
     with torch.no_grad(), gathered_weights(model):
         device = model.lm_head.weight.device
         G, P = num_samples, len(prompts)

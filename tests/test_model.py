@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from model import ModelConfig, Transformer, preset
+from checkpoint import config_from_hf, load_pretrained, save_pretrained
+from model import Transformer, preset
 
 transformers = pytest.importorskip("transformers")
 
@@ -46,7 +47,7 @@ def test_logits_match_transformers(tmp_path, family, extra, sharded):
     ref.save_pretrained(tmp_path, max_shard_size="40KB" if sharded else "1GB")
     if sharded:
         assert (tmp_path / "model.safetensors.index.json").exists()
-    ours = Transformer.from_pretrained(tmp_path).eval()
+    ours = load_pretrained(tmp_path).eval()
     ids = torch.randint(0, TINY["vocab_size"], (2, 40))  # past original_max_position_embeddings=16
     with torch.no_grad():
         got = ours(ids)
@@ -58,14 +59,14 @@ def test_logits_match_transformers(tmp_path, family, extra, sharded):
 def test_save_pretrained_roundtrip_through_transformers(tmp_path, family):
     ref = hf_model(family)
     ref.save_pretrained(tmp_path / "a")
-    ours = Transformer.from_pretrained(tmp_path / "a")
-    ours.save_pretrained(tmp_path / "b", max_shard_bytes=30_000)
+    ours = load_pretrained(tmp_path / "a")
+    save_pretrained(ours, tmp_path / "b", max_shard_bytes=30_000)
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
     assert cfg["model_type"] == family and cfg["architectures"][0].lower().startswith(family)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b").eval()
     ids = torch.randint(0, TINY["vocab_size"], (1, 33))
     assert (hf_logits(back, ids) - hf_logits(ref, ids)).abs().max().item() < 1e-5
-    again = Transformer.from_pretrained(tmp_path / "b")
+    again = load_pretrained(tmp_path / "b")
     with torch.no_grad():
         assert torch.equal(again(ids), ours(ids))
     assert not any(p.name.startswith("b.") for p in tmp_path.iterdir())  # no temp dirs left
@@ -74,7 +75,7 @@ def test_save_pretrained_roundtrip_through_transformers(tmp_path, family):
 def test_left_padding_matches_unpadded_and_transformers(tmp_path):
     ref = hf_model("qwen2")
     ref.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(tmp_path).eval()
+    ours = load_pretrained(tmp_path).eval()
     ids = torch.randint(0, TINY["vocab_size"], (3, 12))
     start = torch.tensor([0, 5, 9])
     mask = (torch.arange(12)[None] >= start[:, None]).long()
@@ -186,21 +187,21 @@ def _write_tiny(tmp_path, family="qwen2"):
 
 def test_error_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        Transformer.from_pretrained(tmp_path / "nope")
+        load_pretrained(tmp_path / "nope")
 
 
 def test_error_missing_config(tmp_path):
     _write_tiny(tmp_path)
     os.remove(tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        Transformer.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_error_missing_weights(tmp_path):
     _write_tiny(tmp_path)
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="safetensors"):
-        Transformer.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_error_unsupported_family(tmp_path):
@@ -208,7 +209,7 @@ def test_error_unsupported_family(tmp_path):
     cfg["model_type"] = "mixtral"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="model_type 'mixtral' is not supported"):
-        Transformer.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_error_misshaped_tensor(tmp_path):
@@ -216,7 +217,7 @@ def test_error_misshaped_tensor(tmp_path):
     cfg["intermediate_size"] = 128
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="has shape .* config and weights disagree"):
-        Transformer.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_error_missing_tensor(tmp_path):
@@ -226,11 +227,11 @@ def test_error_missing_tensor(tmp_path):
     sd.pop("model.layers.1.mlp.up_proj.weight")
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight is missing"):
-        Transformer.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_error_unsupported_rope_scaling():
     with pytest.raises(ValueError, match="rope scaling 'yarn' is not supported"):
-        ModelConfig.from_hf({**{"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
+        config_from_hf({**{"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
                                 "intermediate_size": 8, "num_hidden_layers": 1,
                                 "num_attention_heads": 2}, "rope_scaling": {"rope_type": "yarn", "factor": 2}})
