@@ -22,7 +22,7 @@ import torch
 
 import reward_model as rmod
 from rewards import accuracy_reward, extract_answer, format_reward, language_reward
-from rollout import gathered_weights, generate
+from rollout import derive_seed, gathered_weights, generate
 from runtime import Dist, UserError, find_model, get_task, load_frozen_rm, load_model
 
 
@@ -157,7 +157,7 @@ def last_model(out: Path) -> Path:
 
 
 SUMMARY_STAGES = ("pretrain", "zero", "sft", "grpo", "rs", "rl", "student_base", "distill", "distill_zero")
-GENERAL_EVAL_SEED = 10_007  # the general prompts of the summary (the toy has 32 distinct ones)
+GENERAL_EVAL_SEED = derive_seed("summary", "general")  # one list for every run (the toy has 32 prompts)
 
 
 def general_prompts(task, n: int) -> list[dict]:

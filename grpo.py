@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 import torch
 
 from optim import clip_and_step, set_lr, warmup_lr
-from rollout import concat_groups, gathered_weights, generate, token_logprobs
+from rollout import concat_groups, derive_seed, gathered_weights, generate, token_logprobs
 
 ADV_SCALES = ("std", "none")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -351,7 +351,7 @@ def train_rl(policy, ref, tok, draw_prompts: Callable[[int], list[dict]], reward
     """
     for step in range(start, cfg.steps):
         row = rl_step(policy, ref, tok, draw_prompts, reward_fn, cfg, lcfg, optimizer,
-                      lr=warmup_lr(step, cfg.lr, cfg.warmup), seed=(seed * 100_003 + step) * 64 + rank,
+                      lr=warmup_lr(step, cfg.lr, cfg.warmup), seed=derive_seed(seed, "rollout", step, rank),
                       world=world, all_reduce=all_reduce)
         row["gen_tok_per_s"] = row["gen_tokens"] / max(row["gen_time"], 1e-9)
         # completion tokens trained on per second (each of the mu passes counts)
@@ -406,7 +406,7 @@ def collect(policy, ref, tok, draw_prompts, n_prompts: int, reward_fn: RewardFn,
                 break
             extra = draw_prompts(int((~keep).sum()))
             n_drawn += len(extra)
-            r2, rew2, _ = _sample_and_score(policy, tok, extra, reward_fn, cfg, lcfg, seed + 7919 * (rnd + 1))
+            r2, rew2, _ = _sample_and_score(policy, tok, extra, reward_fn, cfg, lcfg, derive_seed(seed, "refill", rnd))
             kept = keep.nonzero().flatten().tolist()
             roll = concat_groups([(roll, kept), (r2, list(range(len(extra))))], G, tok.pad_id)
             rewards = torch.cat([rewards[kept], rew2])                            # (P, G)

@@ -48,7 +48,7 @@ from model import Transformer, preset
 from optim import make_optimizer
 from reward_model import RMConfig
 from rewards import DEFAULT_WEIGHTS, STAGE2_WEIGHTS, accuracy_reward, format_reward, language_reward, rule_reward
-from rollout import gathered_weights, generate
+from rollout import derive_seed, gathered_weights, generate
 from runtime import (Dist, ExampleStream, StageRun, UserError, cosine_lr, find_model, fit, get_task, load_frozen_rm,
                      load_model, shard, supervised_steps)
 from sft import SFTConfig
@@ -255,14 +255,14 @@ def sample_share(model, tok, samples: list, k: int, g: GRPOConfig, seed: int, d:
         with torch.no_grad(), gathered_weights(model):
             yield chunk, generate(model, [tok.encode(s["prompt"]) for s in chunk], g.max_new_tokens,
                                   temperature=g.temperature, num_samples=k, eos_token_id=tok.eos_ids,
-                                  seed=seed + i, pad_token_id=tok.pad_id)
+                                  seed=derive_seed(seed, "chunk", i), pad_token_id=tok.pad_id)
 
 
 def collect_verified(model, tok, task, n_prompts: int, k: int, g: GRPOConfig, seed: int, d: Dist) -> list[dict]:
     """Sample k responses for n training prompts; keep the verified, well-formed, language-consistent
-    ones (the report's "readable" filter), at most one per distinct response. Returns rows
-    {prompt, response, source} gathered on every rank."""
-    stream = task.train_samples(seed + 1)
+    ones (the report's "readable" filter), at most one per distinct response. `seed` picks the
+    prompts and the samples. Returns rows {prompt, response, source} gathered on every rank."""
+    stream = task.train_samples(seed)
     rows, seen = [], set()
     for chunk, roll in sample_share(model, tok, [next(stream) for _ in range(n_prompts)], k, g, seed, d):
         for j, ids in enumerate(roll.tokens):
@@ -364,7 +364,7 @@ def stage_sft(c: dict, d: Dist) -> None:
     else:
         teacher, ttok = load_model(find_model(run, "", "--init", "sft", "zero"), run, d)
         rows = collect_verified(teacher, ttok, get_task(run, c["toy"]), run.sft_prompts, run.sft_samples,
-                                c["grpo"], run.seed, d)
+                                c["grpo"], derive_seed(run.seed, "sft"), d)
         if d.main:
             write_jsonl(Path(run.out) / "sft" / "cold_start.jsonl", rows)
         if not rows:
@@ -400,7 +400,7 @@ def preference_data(run: RunConfig, task, n_train: int) -> tuple[list[dict], lis
                         "{prompt, chosen, rejected} lines")
     # another seed for the held-out pairs; the toy has only 32 general prompts, so held-out
     # pairs share prompts (and often responses) with training pairs
-    return task.preference_pairs(n_train, run.seed), task.preference_pairs(run.rm_eval_pairs, run.seed + 1)
+    return task.preference_pairs(n_train, run.seed), task.preference_pairs(run.rm_eval_pairs, derive_seed(run.seed, "rm-heldout"))
 
 
 def stage_rm(c: dict, d: Dist) -> None:
@@ -427,9 +427,6 @@ def stage_rm(c: dict, d: Dist) -> None:
     sr.save_model(rm, tok)
 
 
-RS_SEED, DISTILL_SEED = 2, 3  # prompt-stream offsets from --seed: other prompts than sft's (seed + 1)
-
-
 def stage_rs(c: dict, d: Dist) -> None:
     """R1 stage 3, rejection sampling and SFT (§2.3.3): verified reasoning samples of the stage-2
     model plus the reward model's best answers to general prompts, mixed at --rs_reasoning_frac,
@@ -443,10 +440,10 @@ def stage_rs(c: dict, d: Dist) -> None:
                         "--rs_reasoning_frac 1")
     teacher, ttok = load_model(find_model(run, run.teacher, "--teacher", "rs", "grpo", "teacher checkpoint"), run, d)
     rm, rm_tok = load_frozen_rm(run, d, "rs") if frac < 1.0 else (None, None)
-    reasoning = collect_verified(teacher, ttok, task, run.rs_prompts, run.rs_samples, g, run.seed + RS_SEED, d)
+    reasoning = collect_verified(teacher, ttok, task, run.rs_prompts, run.rs_samples, g, derive_seed(run.seed, "rs"), d)
     n_general = math.ceil(len(reasoning) * (1.0 - frac) / frac)  # enough general prompts for the ratio
     general = (best_general(teacher, ttok, rm, rm_tok, task, n_general, run.rs_samples, g,
-                            c["rm"].max_len, run.seed + RS_SEED, d) if n_general else [])
+                            c["rm"].max_len, derive_seed(run.seed, "rs-general"), d) if n_general else [])
     keep_r, keep_g = mix_at_ratio(reasoning, general, frac)
     counts = {"rs/reasoning_prompts": run.rs_prompts, "rs/reasoning_verified": len(reasoning),
               "rs/general_prompts": n_general, "rs/general_ended": len(general),
@@ -513,7 +510,8 @@ def stage_distill(c: dict, d: Dist) -> None:
         student_sft = SFTConfig(**{**SFT_STAGE_DEFAULTS["pretrain"], "steps": run.student_steps})
         stage_pretrain({**c, "run": replace(run, model=run.student_model), "sft": student_sft}, d, "student_base")
     teacher, ttok = load_model(teacher_path, run, d)
-    rows = collect_verified(teacher, ttok, task, run.distill_prompts, run.rs_samples, g, run.seed + DISTILL_SEED, d)
+    rows = collect_verified(teacher, ttok, task, run.distill_prompts, run.rs_samples, g,
+                            derive_seed(run.seed, "distill"), d)
     sdir = Path(run.out) / "distill"
     counts = {"distill/prompts": run.distill_prompts, "distill/verified": len(rows)}
     if d.main:

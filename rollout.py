@@ -52,6 +52,7 @@ Departures and choices:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,14 @@ class Rollout:
     prompt_index: torch.Tensor     # (N,) long: which prompt each row answers
     lengths: torch.Tensor          # (N,) long: completion lengths
     prompt_len: int                # Tp: completion tokens start at column Tp
+
+
+def derive_seed(*parts) -> int:
+    """The seed of one random stream, named by its parts: derive_seed(run_seed, "rollout", step, rank).
+    Every seed the recipe uses beyond --seed itself comes from here: a hash of the parts, so two
+    streams with different names never share a seed, whatever the numbers in them."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # 63 bits: torch.Generator.manual_seed takes it
 
 
 # --- pure functions: sampling and logprobs ------------------------------------------------------

@@ -30,6 +30,7 @@ from checkpoint import (RM_MARKER, has_trainer_state, load_pretrained, load_rewa
 from model import Transformer
 from optim import lr_at
 from reward_model import RewardModel
+from rollout import derive_seed
 from tokenizer import Tokenizer
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -182,7 +183,7 @@ class ExampleStream:
             epoch, i = divmod(self.position, len(self.examples))
             if i == 0 or not self._order:
                 self._order = list(range(len(self.examples)))
-                random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
+                random.Random(derive_seed(self.seed, "epoch", epoch)).shuffle(self._order)
             out.append(self.examples[self._order[i]])
             self.position += 1
         return out

@@ -363,3 +363,12 @@ def test_concat_groups_keeps_the_layout_generate_returns():
     part = concat_groups([(roll, [2]), (roll, [0])], 2, 0)
     assert part.tokens == roll.tokens[4:6] + roll.tokens[0:2]
     assert part.input_ids[0, part.kv_start[0]:part.prompt_len].tolist() == prompts[2]
+
+
+def test_derive_seed_names_every_stream_apart():
+    seeds = {rollout.derive_seed(0, "rollout", step, rank) for step in range(200) for rank in range(4)}
+    seeds |= {rollout.derive_seed(s, name) for s in range(50) for name in ("sft", "rs", "distill", "epoch")}
+    assert len(seeds) == 200 * 4 + 50 * 4  # no two named streams share a seed
+    assert rollout.derive_seed(3, "rs") == rollout.derive_seed(3, "rs")  # the same on every run and machine
+    assert all(0 <= s < 2 ** 63 for s in seeds)
+    torch.Generator().manual_seed(max(seeds))

@@ -135,7 +135,7 @@ def test_rs_keeps_verified_samples_at_the_ratio(out, tmp_path, fake_sampler, fra
     rows = jsonl(new / "rs" / "rs_data.jsonl")
     reasoning = [r for r in rows if r["source"] == "reasoning"]
     general = [r for r in rows if r["source"] == "general"]
-    stream = toy.ToyArithmetic().train_samples(recipe.RS_SEED + 1)  # --seed 0; collect_verified adds 1
+    stream = toy.ToyArithmetic().train_samples(recipe.derive_seed(0, "rs"))  # --seed 0
     prompts = {next(stream)["prompt"] for _ in range(8)}
     # one per prompt: the duplicate, the wrong answer, the other language and the cut-off are dropped
     assert len(reasoning) == len(prompts)
