@@ -340,8 +340,9 @@ def _plain_copy(model: torch.nn.Module, state: dict) -> torch.nn.Module:
 def save_model(model: torch.nn.Module, tokenizer: Tokenizer, path, main: bool = True) -> None:
     """A Transformer as an HF-layout directory, or a RewardModel as its directory, sharded or not.
     Every rank calls it (gathering is collective); the rank with `main` writes."""
-    plain = _plain_copy(model, full_state(model)) if is_sharded(model) else model
+    state = full_state(model) if is_sharded(model) else None  # gathered to the main rank
     if main:
+        plain = model if state is None else _plain_copy(model, state)
         (save_reward_model if isinstance(plain, RewardModel) else save_pretrained)(plain, path, tokenizer)
 
 

@@ -42,6 +42,19 @@ def seeded_rng(*parts) -> random.Random:
     return random.Random("/".join(str(p) for p in parts))
 
 
+def epochs(rows: list, seed, start: int = 0) -> Iterator:
+    """`rows` epoch after epoch, each in its own shuffled order from (seed, epoch), from item
+    `start` on: item i of the stream is a pure function of (rows, seed, i), so a resumed reader
+    continues where it stopped."""
+    epoch, offset = divmod(start, len(rows))
+    while True:
+        order = list(range(len(rows)))
+        seeded_rng("epoch", seed, epoch).shuffle(order)
+        for k in order[offset:]:
+            yield rows[k]
+        epoch, offset = epoch + 1, 0
+
+
 # --- reading, one checked line at a time ----------------------------------------------------------
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:

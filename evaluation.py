@@ -22,13 +22,8 @@ import torch
 
 import reward_model as rmod
 from rewards import accuracy_reward, extract_answer, format_reward, language_reward
-from rollout import derive_seed, gathered_weights, generate
+from rollout import completion_text, derive_seed, gathered_weights, generate
 from runtime import Dist, UserError, find_model, get_task, load_frozen_rm, load_model
-
-
-def text_of(tok, ids: list[int]) -> str:
-    """A completion's text without its end-of-sequence token."""
-    return tok.decode([t for t in ids if t not in tok.eos_ids])
 
 
 def evaluate(model, tok, samples: list[dict], max_new_tokens: int, k: int = 1, seed: int = 0,
@@ -48,14 +43,14 @@ def evaluate(model, tok, samples: list[dict], max_new_tokens: int, k: int = 1, s
                             eos_token_id=tok.eos_ids, seed=seed, pad_token_id=tok.pad_id)
                    if prompts and k > 1 else None)
     for i, s in enumerate(mine):
-        text = text_of(tok, greedy.tokens[i])
+        text = completion_text(tok, greedy.tokens[i])
         sums["n"] += 1
         sums["accuracy"] += accuracy_reward(text, s)
         sums["format"] += format_reward(text)
         sums["language"] += language_reward(text, s["prompt"])
         sums["response_length"] += len(greedy.tokens[i])
         if sampled is not None:
-            texts = [text_of(tok, t) for t in sampled.tokens[i * k:(i + 1) * k]]
+            texts = [completion_text(tok, t) for t in sampled.tokens[i * k:(i + 1) * k]]
             rights = [accuracy_reward(t, s) for t in texts]
             sums[f"pass@{k}"] += float(max(rights))
             sums[f"maj@{k}"] += majority_right(texts, rights)
@@ -82,7 +77,7 @@ def rm_score(model, tok, rm, rm_tok, samples: list[dict], max_new_tokens: int, m
         with torch.no_grad(), gathered_weights(model):
             roll = generate(model, [tok.encode(s["prompt"]) for s in mine], max_new_tokens, temperature=0.0,
                             eos_token_id=tok.eos_ids, pad_token_id=tok.pad_id)
-        texts = [text_of(tok, ids) for ids in roll.tokens]
+        texts = [completion_text(tok, ids) for ids in roll.tokens]
         total = float(rmod.score_texts(rm, rm_tok, [s["prompt"] for s in mine], texts, max_len).sum())
     return d.all_reduce(total) / max(d.all_reduce(float(len(mine))), 1.0)
 
@@ -141,7 +136,7 @@ def stage_eval(c: dict, d: Dist) -> dict:
     pass@k and maj@k with --k. One JSON line."""
     run, g = c["run"], c["grpo"]
     path = Path(run.init) if run.init else last_model(Path(run.out))
-    model, tok = load_model(find_model(run, str(path), "--init", "eval", "zero"), run, d)
+    model, tok = load_model(find_model(run, str(path), "--init DIR", "eval", "zero"), run, d)
     ev = evaluate(model, tok, get_task(run, c["toy"]).eval_samples(run.eval_n), g.max_new_tokens, k=run.k,
                   seed=run.seed, d=d, temperature=g.temperature)
     if d.main:

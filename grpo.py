@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 import torch
 
 from optim import clip_and_step, set_lr, warmup_lr
-from rollout import concat_groups, derive_seed, gathered_weights, generate, token_logprobs
+from rollout import completion_text, concat_groups, derive_seed, gathered_weights, generate, token_logprobs
 
 ADV_SCALES = ("std", "none")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -60,7 +60,8 @@ class LossConfig:
     clip_low: float = field(default=0.2, metadata={"help": "the ratio is clipped below at 1 - clip_low"})
     clip_high: float = field(default=0.2, metadata={"help": "the ratio is clipped above at 1 + clip_high"})
     # beta of DeepSeekMath eq. 3; 0.04 is DeepSeekMath §4.2's value. 0 removes the KL term.
-    kl_coef: float = field(default=0.04, metadata={"help": "beta of the KL term to the reference policy (0: none)"})
+    kl_coef: float = field(default=0.04, metadata={"help": "beta of the KL term to the reference policy "
+                                                           "(0: none)"})
     # "k1" | "k2" | "k3" (Schulman's blog); DeepSeekMath eq. 4 is k3.
     kl_estimator: str = field(default="k3", metadata={"help": "KL estimator: k1 | k2 | k3 (DeepSeekMath eq. 4)"})
     # How token losses become one number; see `aggregate`. GRPO: seq_mean_token_mean.
@@ -328,6 +329,18 @@ class GRPOConfig:
     max_refill: int = field(default=2, metadata={"help": "dynamic sampling: extra rollout rounds to replace "
                                                          "groups with equal rewards"})
 
+    def __post_init__(self):
+        small = [f"{n}={getattr(self, n)}" for n in ("prompts_per_step", "group_size", "max_new_tokens", "mu",
+                                                      "minibatches", "micro_batch") if getattr(self, n) < 1]
+        small += [f"{n}={getattr(self, n)}" for n in ("steps", "warmup", "max_refill", "lr")
+                  if getattr(self, n) < 0]
+        if small:
+            raise ValueError(f"GRPOConfig: {', '.join(small)}; counts must be at least 1 (steps, warmup, "
+                             "max_refill and lr at least 0)")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or not self.max_grad_norm > 0:
+            raise ValueError(f"GRPOConfig: need temperature >= 0, 0 < top_p <= 1 and max_grad_norm > 0, got "
+                             f"{self.temperature}, {self.top_p}, {self.max_grad_norm}")
+
 
 def sequence_logprobs(model, input_ids, kv_start, temperature: float, micro_batch: int):
     """Per-token logprobs (N, L) of `input_ids` under `model`, micro-batched; grad flows if enabled."""
@@ -406,7 +419,8 @@ def collect(policy, ref, tok, draw_prompts, n_prompts: int, reward_fn: RewardFn,
                 break
             extra = draw_prompts(int((~keep).sum()))
             n_drawn += len(extra)
-            r2, rew2, _ = _sample_and_score(policy, tok, extra, reward_fn, cfg, lcfg, derive_seed(seed, "refill", rnd))
+            r2, rew2, _ = _sample_and_score(policy, tok, extra, reward_fn, cfg, lcfg,
+                                            derive_seed(seed, "refill", rnd))
             kept = keep.nonzero().flatten().tolist()
             roll = concat_groups([(roll, kept), (r2, list(range(len(extra))))], G, tok.pad_id)
             rewards = torch.cat([rewards[kept], rew2])                            # (P, G)
@@ -484,7 +498,7 @@ def _sample_and_score(policy, tok, samples, reward_fn: RewardFn, cfg: GRPOConfig
     with gathered_weights(policy):
         roll = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         num_samples=G, eos_token_id=tok.eos_ids, seed=seed, pad_token_id=tok.pad_id)
-    texts = [tok.decode([t for t in toks if t not in tok.eos_ids]) for toks in roll.tokens]
+    texts = [completion_text(tok, toks) for toks in roll.tokens]
     values, parts = reward_fn(texts, [samples[i // G] for i in range(len(texts))])
     rewards = torch.tensor(values, dtype=torch.float32).view(-1, G)               # (P, G)
     comps = {k: sum(v) / len(v) for k, v in parts.items() if len(v)}

@@ -57,3 +57,15 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def check_training(name: str, cfg) -> None:
+    """The checks SFTConfig and RMConfig share: one line naming every bad setting."""
+    bad = [f"{n}={getattr(cfg, n)}" for n in ("batch_size", "micro_batch") if getattr(cfg, n) < 1]
+    bad += [f"{n}={getattr(cfg, n)}" for n in ("steps", "warmup", "lr") if getattr(cfg, n) < 0]
+    bad += [] if cfg.max_len >= 2 else [f"max_len={cfg.max_len}"]
+    bad += [] if 0 <= cfg.min_lr_ratio <= 1 and cfg.max_grad_norm > 0 else [
+        f"min_lr_ratio={cfg.min_lr_ratio}, max_grad_norm={cfg.max_grad_norm}"]
+    if bad:
+        raise ValueError(f"{name}: {', '.join(bad)}; need batch sizes >= 1, steps, warmup and lr >= 0, "
+                         "max_len >= 2, 0 <= min_lr_ratio <= 1 and max_grad_norm > 0")

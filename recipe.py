@@ -42,15 +42,15 @@ import grpo
 import reward_model as rmod
 import sft
 from data import load_pref_jsonl, load_sft_jsonl, write_jsonl
-from evaluation import evaluate, format_table, stage_eval, stage_plot, stage_summary, text_of
+from evaluation import evaluate, format_table, stage_eval, stage_plot, stage_summary
 from grpo import GRPOConfig, LossConfig, RewardFn, loss_preset
 from model import Transformer, preset
 from optim import make_optimizer
 from reward_model import RMConfig
 from rewards import DEFAULT_WEIGHTS, STAGE2_WEIGHTS, accuracy_reward, format_reward, language_reward, rule_reward
-from rollout import derive_seed, gathered_weights, generate
-from runtime import (Dist, ExampleStream, StageRun, UserError, cosine_lr, find_model, fit, get_task, load_frozen_rm,
-                     load_model, shard, supervised_steps)
+from rollout import completion_text, derive_seed, gathered_weights, generate
+from runtime import (Dist, ExampleStream, StageRun, UserError, cosine_lr, find_model, fit, get_task,
+                     load_frozen_rm, load_model, shard, supervised_steps)
 from sft import SFTConfig
 from tokenizer import Tokenizer, build_char_tokenizer
 from toy import EOS_TEXT, ToyConfig
@@ -66,7 +66,8 @@ class RunConfig:
     RMConfig and the toy's in ToyConfig. Every one is a command-line flag (train.py)."""
     stage: str = _setting("pretrain,zero", "comma-separated stages, run in order (all: the whole recipe)")
     out: str = _setting("runs/toy", "run directory; each stage writes <out>/<stage>/")
-    init: str = _setting("", "checkpoint directory to start from (empty: the previous stage's model)")
+    init: str = _setting("", "checkpoint to start from (empty: pretrain's model for zero, sft, rm and rs; sft's "
+                             "for grpo; rs's for rl; the latest stage's for eval)")
     task: str = _setting("toy", "toy | countdown | gsm8k | jsonl:PATH")
     model: str = _setting("toy", "model preset of a model trained from scratch (pretrain)")
     seed: int = _setting(0, "the one seed: data order, initialisation, rollouts")
@@ -95,7 +96,20 @@ class RunConfig:
     general_frac: float = _setting(0.25, "rl: share of each step's prompts that are general (reward model)")
     distill_prompts: int = _setting(256, "distill: teacher prompts sampled for traces")
     student_model: str = _setting("toy-small", "distill: the student's model preset")
-    student_steps: int = _setting(600, "distill: pretraining steps of the student base, if missing")
+    student_steps: int = _setting(600, "distill: pretraining steps of the student base, if missing (its "
+                                       "other settings: pretrain's defaults, then the training flags given)")
+
+    def __post_init__(self):
+        counts = ("ckpt_every", "eval_n", "k", "sft_prompts", "sft_samples", "rm_eval_pairs", "rs_prompts",
+                  "rs_samples", "distill_prompts", "student_steps")
+        bad = [f"--{n} {getattr(self, n)}" for n in counts if getattr(self, n) < 1]
+        bad += [f"--{n} {getattr(self, n)}" for n in ("eval_every", "threads") if getattr(self, n) < 0]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: counts must be at least 1 (--eval_every and --threads: "
+                             "at least 0)")
+        if not 0 <= self.general_frac <= 1 or not 0 < self.rs_reasoning_frac <= 1:
+            raise ValueError(f"--general_frac {self.general_frac}, --rs_reasoning_frac {self.rs_reasoning_frac}: "
+                             "need 0 <= general_frac <= 1 and 0 < rs_reasoning_frac <= 1")
 
 
 STAGES = ("pretrain", "zero", "sft", "grpo", "rm", "rs", "rl", "distill", "eval", "summary", "plot")
@@ -117,11 +131,15 @@ def stage_configs(args: dict[str, dict], stage: str) -> dict:
     """The resolved settings of one stage: class defaults < the stage's defaults < `args` (the
     command line's {config key: {field: value}}). Raises UserError for a value a config refuses."""
     try:
+        run = RunConfig(**args.get("run", {}))
         g = GRPOConfig(**{**RL_STAGE_DEFAULTS.get(stage, {}), **args.get("grpo", {})})
-        return {"run": RunConfig(**args.get("run", {})),
-                "sft": SFTConfig(**{**SFT_STAGE_DEFAULTS.get(stage, {}), **args.get("sft", {})}),
-                "grpo": g, "loss": loss_preset(g.loss, **args.get("loss", {})),
-                "rm": RMConfig(**args.get("rm", {})), "toy": ToyConfig(**args.get("toy", {}))}
+        c = {"run": run, "sft": SFTConfig(**{**SFT_STAGE_DEFAULTS.get(stage, {}), **args.get("sft", {})}),
+             "grpo": g, "loss": loss_preset(g.loss, **args.get("loss", {})),
+             "rm": RMConfig(**args.get("rm", {})), "toy": ToyConfig(**args.get("toy", {}))}
+        if stage == "distill":  # the student base, pretrained by distill when missing
+            c["student"] = SFTConfig(**{**SFT_STAGE_DEFAULTS["pretrain"], **args.get("sft", {}),
+                                        "steps": run.student_steps})
+        return c
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -204,6 +222,8 @@ def run_rl(c: dict, d: Dist, name: str, src: Path, reward_fn: RewardFn, prompts:
     run, g, lcfg = c["run"], c["grpo"], c["loss"]
     if g.prompts_per_step % d.world:
         raise UserError(f"--prompts_per_step {g.prompts_per_step} must be a multiple of the {d.world} ranks")
+    if lcfg.dynamic_sampling and d.world > 1:  # ranks would refill different numbers of groups
+        raise UserError("--dynamic_sampling runs on one process only for now; drop it or run without torchrun")
     policy, tok = load_model(src, run, d)
     ref = None
     if lcfg.kl_coef > 0:  # the reference policy is the starting point, frozen (DeepSeekMath eq. 3)
@@ -222,9 +242,9 @@ def run_rl(c: dict, d: Dist, name: str, src: Path, reward_fn: RewardFn, prompts:
     return result
 
 
-def rl_stage(c: dict, d: Dist, name: str, src: Path, weights: dict, time_budget: float = 0.0) -> dict:
-    """An RL stage on the task's reasoning prompts with the rule rewards at `weights` (zero, grpo,
-    distill's baseline)."""
+def rule_rl(c: dict, d: Dist, name: str, src: Path, weights: dict, time_budget: float = 0.0) -> dict:
+    """GRPO on the task's reasoning prompts with the rule rewards at `weights` (zero, grpo, rl without
+    general prompts, distill's baseline)."""
     run, g = c["run"], c["grpo"]
     task = get_task(run, c["toy"])
     prompts = PromptStream(lambda start: task.train_samples(run.seed, start=start), d, g.prompts_per_step)
@@ -266,7 +286,7 @@ def collect_verified(model, tok, task, n_prompts: int, k: int, g: GRPOConfig, se
     rows, seen = [], set()
     for chunk, roll in sample_share(model, tok, [next(stream) for _ in range(n_prompts)], k, g, seed, d):
         for j, ids in enumerate(roll.tokens):
-            s, text = chunk[j // k], text_of(tok, ids)
+            s, text = chunk[j // k], completion_text(tok, ids)
             ok = (roll.finish_reasons[j] == "eos" and format_reward(text) == 1.0
                   and language_reward(text, s["prompt"]) == 1.0 and accuracy_reward(text, s) == 1.0)
             if ok and (s["prompt"], text) not in seen:
@@ -283,7 +303,7 @@ def best_general(model, tok, rm, rm_tok, task, n_prompts: int, k: int, g: GRPOCo
     stream = task.general_samples(seed)
     rows = []
     for chunk, roll in sample_share(model, tok, [next(stream) for _ in range(n_prompts)], k, g, seed, d):
-        texts = [text_of(tok, ids) for ids in roll.tokens]
+        texts = [completion_text(tok, ids) for ids in roll.tokens]
         scores = rmod.score_texts(rm, rm_tok, [chunk[j // k]["prompt"] for j in range(len(texts))],
                                   texts, max_len).tolist()
         for p, s in enumerate(chunk):
@@ -349,7 +369,7 @@ def stage_pretrain(c: dict, d: Dist, name: str = "pretrain") -> None:
 def stage_zero(c: dict, d: Dist) -> dict:
     """R1-Zero (§2.2): GRPO straight from the base model, accuracy + format rewards."""
     run = c["run"]
-    return rl_stage(c, d, "zero", find_model(run, run.init, "--init", "zero", "pretrain"), zero_weights(run))
+    return rule_rl(c, d, "zero", find_model(run, run.init, "--init DIR", "zero", "pretrain"), zero_weights(run))
 
 
 def stage_sft(c: dict, d: Dist) -> None:
@@ -357,20 +377,19 @@ def stage_sft(c: dict, d: Dist) -> None:
     SFT of the base model on them."""
     run, scfg = c["run"], c["sft"]
     if run.data:
-        try:
-            rows = load_sft_jsonl(run.data)
-        except FileNotFoundError as e:
-            raise UserError(str(e)) from None
+        rows = load_sft_jsonl(run.data)
     else:
-        teacher, ttok = load_model(find_model(run, "", "--init", "sft", "zero"), run, d)
+        zero = find_model(run, "", "--data FILE", "sft", "zero", "R1-Zero model to sample")
+        teacher, ttok = load_model(zero, run, d)
         rows = collect_verified(teacher, ttok, get_task(run, c["toy"]), run.sft_prompts, run.sft_samples,
                                 c["grpo"], derive_seed(run.seed, "sft"), d)
         if d.main:
             write_jsonl(Path(run.out) / "sft" / "cold_start.jsonl", rows)
         if not rows:
-            raise UserError("stage sft: no R1-Zero sample passed the filter; train zero longer or pass --data FILE")
+            raise UserError("stage sft: no R1-Zero sample passed the filter; train zero longer or pass "
+                            "--data FILE")
         del teacher
-    model, tok = load_model(find_model(run, run.init, "--init", "sft", "pretrain"), run, d)
+    model, tok = load_model(find_model(run, run.init, "--init DIR", "sft", "pretrain"), run, d)
     examples = [sft.encode_example(tok, r["prompt"], r["response"], scfg.max_len) for r in rows]
     if d.main:
         print(f"[sft] {len(rows)} cold-start samples", flush=True)
@@ -380,16 +399,13 @@ def stage_sft(c: dict, d: Dist) -> None:
 def stage_grpo(c: dict, d: Dist) -> dict:
     """R1 stage 2, reasoning RL (§2.3.2): GRPO on the cold-started model, with language consistency."""
     run = c["run"]
-    return rl_stage(c, d, "grpo", find_model(run, run.init, "--init", "grpo", "sft"), stage2_weights(run))
+    return rule_rl(c, d, "grpo", find_model(run, run.init, "--init DIR", "grpo", "sft"), stage2_weights(run))
 
 
 def preference_data(run: RunConfig, task, n_train: int) -> tuple[list[dict], list[dict]]:
     """(train, held-out) preference pairs: --data's lines (the last 10% held out) or the toy's."""
     if run.data:
-        try:
-            pairs = load_pref_jsonl(run.data)
-        except FileNotFoundError as e:
-            raise UserError(str(e)) from None
+        pairs = load_pref_jsonl(run.data)
         if len(pairs) < 2:
             raise UserError(f"stage rm: {run.data} has {len(pairs)} pair(s); it needs at least 2 "
                             "(the last 10% are held out for the accuracy)")
@@ -400,7 +416,8 @@ def preference_data(run: RunConfig, task, n_train: int) -> tuple[list[dict], lis
                         "{prompt, chosen, rejected} lines")
     # another seed for the held-out pairs; the toy has only 32 general prompts, so held-out
     # pairs share prompts (and often responses) with training pairs
-    return task.preference_pairs(n_train, run.seed), task.preference_pairs(run.rm_eval_pairs, derive_seed(run.seed, "rm-heldout"))
+    held = task.preference_pairs(run.rm_eval_pairs, derive_seed(run.seed, "rm-heldout"))
+    return task.preference_pairs(n_train, run.seed), held
 
 
 def stage_rm(c: dict, d: Dist) -> None:
@@ -410,7 +427,7 @@ def stage_rm(c: dict, d: Dist) -> None:
     if rcfg.batch_size % d.world:
         raise UserError(f"--rm_batch_size {rcfg.batch_size} must be a multiple of the {d.world} ranks")
     train_pairs, held = preference_data(run, get_task(run, c["toy"]), rcfg.steps * rcfg.batch_size)
-    backbone, tok = load_model(find_model(run, run.init, "--init", "rm", "pretrain"), run, d)
+    backbone, tok = load_model(find_model(run, run.init, "--init DIR", "rm", "pretrain"), run, d)
     rm = shard(rmod.init_reward_model(backbone), d)
     opt = make_optimizer(rm, rcfg.lr, rcfg.weight_decay)
     sr = StageRun(run.out, "rm", d, run.ckpt_every, c)
@@ -432,15 +449,15 @@ def stage_rs(c: dict, d: Dist) -> None:
     model plus the reward model's best answers to general prompts, mixed at --rs_reasoning_frac,
     written to <out>/rs/rs_data.jsonl; then SFT of the base model (or --init) on them."""
     run, g, frac = c["run"], c["grpo"], c["run"].rs_reasoning_frac
-    if not 0.0 < frac <= 1.0:
-        raise UserError(f"--rs_reasoning_frac {frac}: use a fraction in (0, 1] (1: reasoning data only)")
     task = get_task(run, c["toy"])
     if frac < 1.0 and not hasattr(task, "general_samples"):
         raise UserError(f"stage rs: task {run.task!r} has no general prompts; use --task toy or "
                         "--rs_reasoning_frac 1")
-    teacher, ttok = load_model(find_model(run, run.teacher, "--teacher", "rs", "grpo", "teacher checkpoint"), run, d)
+    teacher_path = find_model(run, run.teacher, "--teacher DIR", "rs", "grpo", "teacher checkpoint")
+    teacher, ttok = load_model(teacher_path, run, d)
     rm, rm_tok = load_frozen_rm(run, d, "rs") if frac < 1.0 else (None, None)
-    reasoning = collect_verified(teacher, ttok, task, run.rs_prompts, run.rs_samples, g, derive_seed(run.seed, "rs"), d)
+    reasoning = collect_verified(teacher, ttok, task, run.rs_prompts, run.rs_samples, g,
+                                 derive_seed(run.seed, "rs"), d)
     n_general = math.ceil(len(reasoning) * (1.0 - frac) / frac)  # enough general prompts for the ratio
     general = (best_general(teacher, ttok, rm, rm_tok, task, n_general, run.rs_samples, g,
                             c["rm"].max_len, derive_seed(run.seed, "rs-general"), d) if n_general else [])
@@ -451,12 +468,13 @@ def stage_rs(c: dict, d: Dist) -> None:
     data = Path(run.out) / "rs" / "rs_data.jsonl"
     if d.main:
         write_jsonl(data, keep_r + keep_g)
-        print("[rs] " + "  ".join(f"{k.split('/')[1]} {v}" for k, v in counts.items()) + f"  -> {data}", flush=True)
+        print("[rs] " + "  ".join(f"{k.split('/')[1]} {v}" for k, v in counts.items()) + f"  -> {data}",
+              flush=True)
     if not keep_r:
         raise UserError("stage rs: no sample of the stage-2 model passed the filter; train grpo longer, "
                         "raise --rs_prompts, or pass --teacher DIR")
     del teacher, rm
-    model, tok = load_model(find_model(run, run.init, "--init", "rs", "pretrain"), run, d)
+    model, tok = load_model(find_model(run, run.init, "--init DIR", "rs", "pretrain"), run, d)
     examples = [sft.encode_example(tok, r["prompt"], r["response"], c["sft"].max_len) for r in keep_r + keep_g]
     run_sft(c, d, "rs", model, tok, examples, first_row=counts)
 
@@ -467,21 +485,19 @@ def stage_rl(c: dict, d: Dist) -> dict:
     sample["task"]."""
     run, g = c["run"], c["grpo"]
     task = get_task(run, c["toy"])
-    src = find_model(run, run.init, "--init", "rl", "rs")
-    rule = rule_reward(stage2_weights(run))
+    src = find_model(run, run.init, "--init DIR", "rl", "rs")
     n_general = round(g.prompts_per_step * run.general_frac)
-    reasoning = lambda start: task.train_samples(run.seed, start=start)  # noqa: E731
     if not n_general:
-        return run_rl(c, d, "rl", src, rule, PromptStream(reasoning, d, g.prompts_per_step),
-                      task.eval_samples(run.eval_n))
+        return rule_rl(c, d, "rl", src, stage2_weights(run))
     if not hasattr(task, "general_samples"):
         raise UserError(f"stage rl: task {run.task!r} has no general prompts; use --task toy or --general_frac 0")
     if n_general % d.world:
         raise UserError(f"stage rl: {n_general} general prompts a step (--general_frac) must be a multiple "
                         f"of the {d.world} ranks, so every rank logs both reward sources")
     rm, rm_tok = load_frozen_rm(run, d, "rl")
-    reward = routed_reward(rule, lambda ps, ts: rmod.score_texts(rm, rm_tok, ps, ts, c["rm"].max_len).tolist())
-    prompts = PromptStream(reasoning, d, g.prompts_per_step,
+    reward = routed_reward(rule_reward(stage2_weights(run)),
+                           lambda ps, ts: rmod.score_texts(rm, rm_tok, ps, ts, c["rm"].max_len).tolist())
+    prompts = PromptStream(lambda start: task.train_samples(run.seed, start=start), d, g.prompts_per_step,
                            general=lambda start: task.general_samples(run.seed, start=start), n_general=n_general)
     return run_rl(c, d, "rl", src, reward, prompts, task.eval_samples(run.eval_n))
 
@@ -493,12 +509,12 @@ def stage_distill(c: dict, d: Dist) -> None:
     """Distillation (§2.4): SFT a smaller student on the RL model's verified traces, against
     R1-Zero-style GRPO on the same student base for the same time (<out>/distill_zero).
 
-    The student base is <out>/student_base/model, pretrained here (--student_model, --student_steps,
-    the pretrain stage's other settings) if missing. Both sides' times count their training steps
-    only; the teacher's sampling is not counted (see the module docstring)."""
+    The student base is <out>/student_base/model, pretrained here if missing (--student_model,
+    --student_steps, the training settings c["student"] of `stage_configs`). Both sides' times count
+    their training steps only; the teacher's sampling is not counted (see the module docstring)."""
     run, g = c["run"], c["grpo"]
     task = get_task(run, c["toy"])
-    teacher_path = find_model(run, run.teacher, "--teacher", "distill", "rl", "teacher checkpoint")
+    teacher_path = find_model(run, run.teacher, "--teacher DIR", "distill", "rl", "teacher checkpoint")
     base = Path(run.out) / "student_base" / "model"
     if not (base / "config.json").is_file():
         if not hasattr(task, "pretrain_corpus"):
@@ -507,8 +523,7 @@ def stage_distill(c: dict, d: Dist) -> None:
         if d.main:
             print(f"[distill] no student base at {base}: pretraining --student_model "
                   f"{run.student_model} for {run.student_steps} steps", flush=True)
-        student_sft = SFTConfig(**{**SFT_STAGE_DEFAULTS["pretrain"], "steps": run.student_steps})
-        stage_pretrain({**c, "run": replace(run, model=run.student_model), "sft": student_sft}, d, "student_base")
+        stage_pretrain({**c, "run": replace(run, model=run.student_model), "sft": c["student"]}, d, "student_base")
     teacher, ttok = load_model(teacher_path, run, d)
     rows = collect_verified(teacher, ttok, task, run.distill_prompts, run.rs_samples, g,
                             derive_seed(run.seed, "distill"), d)
@@ -529,8 +544,8 @@ def stage_distill(c: dict, d: Dist) -> None:
     sft_time = run_sft(c, d, "distill", student, stok, examples, first_row=counts)["seconds"]
     del student
     # the equal-time baseline: GRPO on the student base, no intermediate evals, stopped by the clock
-    zc = {**c, "run": replace(run, init="", eval_every=0), "grpo": replace(g, steps=DISTILL_RL_MAX_STEPS)}
-    zero = rl_stage(zc, d, "distill_zero", base, zero_weights(run), time_budget=sft_time)
+    zc = {**c, "run": replace(run, eval_every=0), "grpo": replace(g, steps=DISTILL_RL_MAX_STEPS)}
+    zero = rule_rl(zc, d, "distill_zero", base, zero_weights(run), time_budget=sft_time)
     evals = {}
     for label, path in (("teacher", teacher_path), ("student base", base), ("distilled student", sdir / "model"),
                         ("student + GRPO, same time", Path(run.out) / "distill_zero" / "model")):

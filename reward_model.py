@@ -22,8 +22,9 @@ Departures from InstructGPT:
 - The score is not normalised after training (InstructGPT shifts it so demonstrations score 0 on
   average). GRPO normalises rewards within each group, which cancels any offset; the scale still
   matters when the score is added to rule-based rewards, so the RL stage should weigh it.
-- The backbone may be trained from scratch (the toy tests do, at micro size); the recipe starts
-  from the SFT checkpoint (`checkpoint.load_pretrained`, then `init_reward_model`).
+- InstructGPT starts from its SFT model; the recipe's rm stage starts from the base model (or
+  --init DIR, e.g. an SFT checkpoint: `checkpoint.load_pretrained`, then `init_reward_model`), and
+  the tests train micro backbones from scratch.
 - Pairs are truncated from the left (prompt first) so the eos token, where the score is read,
   always survives; InstructGPT does not say how it truncates.
 """
@@ -36,13 +37,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import Transformer
-from optim import clip_and_step, set_lr
+from optim import check_training, clip_and_step, set_lr
 from tokenizer import Tokenizer
 
 
-# Toy defaults: on the toy's preference pairs a random-init "toy" backbone ranks pairs of held-out
-# requests right after about 60 steps at this lr. InstructGPT (appendix C.2) trains its 6B reward
-# model at lr 9e-6, batch 64, cosine to 10% of the peak, one epoch.
+# Toy defaults: on the toy's preference pairs a "toy" backbone ranks held-out pairs right after a
+# few dozen steps at this lr. InstructGPT (appendix C.2) trains its 6B reward model at lr 9e-6,
+# batch 64, cosine to 10% of the peak, one epoch.
 @dataclass
 class RMConfig:
     steps: int = field(default=40, metadata={"help": "optimizer steps (one pass over steps * batch_size pairs)"})
@@ -55,6 +56,9 @@ class RMConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient L2 norm to this"})
     max_len: int = field(default=256, metadata={"help": "prompt + response + eos longer than this is cut "
                                                        "from the left"})
+
+    def __post_init__(self):
+        check_training("RMConfig", self)
 
 
 # --- the model --------------------------------------------------------------------------------

@@ -73,6 +73,10 @@ _LOGPROB_CHUNK_ELEMS = 1 << 26
 _CDF_BLOCK = 128
 
 
+class ContextError(ValueError):
+    """A prompt plus max_new_tokens does not fit the model's context: the caller's input is wrong."""
+
+
 @dataclass
 class Rollout:
     """N = len(prompts) * num_samples completions, prompt-major (row i * G + j = sample j of prompt i)."""
@@ -184,6 +188,11 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     return torch.cat(out, 1)                                   # (N, L)
 
 
+def completion_text(tok, ids: list[int]) -> str:
+    """A completion's text, without its end-of-sequence token(s): what the rewards read."""
+    return tok.decode([t for t in ids if t not in tok.eos_ids])
+
+
 # --- FSDP2: gather the weights once per rollout -------------------------------------------------
 
 @contextlib.contextmanager
@@ -244,11 +253,11 @@ def _check_inputs(model, prompts, max_new_tokens, temperature, top_k, top_p, num
         if len(p) == 0:
             raise ValueError(f"generate: prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
         if len(p) > ctx:
-            raise ValueError(f"generate: prompt {i} has {len(p)} tokens, longer than the model's context "
-                             f"of {ctx}; truncate it")
+            raise ContextError(f"generate: prompt {i} has {len(p)} tokens, longer than the model's context "
+                               f"of {ctx}; truncate it")
         if len(p) + max_new_tokens > ctx:
-            raise ValueError(f"generate: prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} "
-                             f"that exceeds the model's context of {ctx}; shorten it or lower max_new_tokens")
+            raise ContextError(f"generate: prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} "
+                               f"that exceeds the model's context of {ctx}; shorten it or lower max_new_tokens")
     flat = torch.tensor([t for p in prompts for t in p])  # one vectorised range check for all prompts
     if flat.is_floating_point() or flat.dtype == torch.bool:
         raise ValueError(f"generate: prompts must hold integer token ids, got {flat.dtype} values")

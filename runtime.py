@@ -13,10 +13,10 @@
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,10 +27,10 @@ import torch
 import tasks
 from checkpoint import (RM_MARKER, has_trainer_state, load_pretrained, load_reward_model, load_trainer_state,
                         save_model, save_trainer_state)
+from data import epochs
 from model import Transformer
 from optim import lr_at
 from reward_model import RewardModel
-from rollout import derive_seed
 from tokenizer import Tokenizer
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -128,7 +128,7 @@ def find_model(run, given: str, flag: str, stage: str, previous: str, what: str 
     """`given` if set, else <out>/<previous>/model: the model a stage starts from, checked to exist."""
     path = Path(given) if given else Path(run.out) / previous / "model"
     if not (path / "config.json").is_file():
-        hint = (f"run --stage {previous} first, or pass {flag} DIR" if not given
+        hint = (f"run --stage {previous} first, or pass {flag}" if not given
                 else "pass a directory holding config.json, *.safetensors and tokenizer.json")
         raise UserError(f"stage {stage}: no {what} at {path}; {hint}")
     return path
@@ -167,26 +167,18 @@ def get_task(run, toy_cfg):
 # --- data -------------------------------------------------------------------------------------------
 
 class ExampleStream:
-    """An endless stream over `examples`, reshuffled every epoch; `position` (examples handed out so
-    far) is all a resumed run needs to continue the same order."""
+    """An endless stream over `examples`, reshuffled every epoch (data.epochs); `position` (examples
+    handed out so far) is all a resumed run needs to continue the same order."""
 
     def __init__(self, examples: list, seed: int, position: int = 0):
         if not examples:
             raise UserError("the training data is empty; check the data file or the filter that built it")
-        self.examples, self.seed, self.position = examples, seed, 0
-        self._order: list[int] = []
-        self.take(position)
+        self.position = position
+        self._items = epochs(examples, seed, position)
 
     def take(self, n: int) -> list:
-        out = []
-        for _ in range(n):
-            epoch, i = divmod(self.position, len(self.examples))
-            if i == 0 or not self._order:
-                self._order = list(range(len(self.examples)))
-                random.Random(derive_seed(self.seed, "epoch", epoch)).shuffle(self._order)
-            out.append(self.examples[self._order[i]])
-            self.position += 1
-        return out
+        self.position += n
+        return list(itertools.islice(self._items, n))
 
 
 # --- one stage's directory ----------------------------------------------------------------------------
@@ -221,7 +213,7 @@ class StageRun:
         self.name, self.d, self.ckpt_every, self.config = name, d, ckpt_every, config
         self.dir = Path(out) / name
         self.ckpt = self.dir / "ckpt"
-        self.start = 0
+        self.start, self.state = 0, {}
 
     def resume(self, model, optimizer) -> dict:
         state = {"step": 0}
@@ -230,7 +222,7 @@ class StageRun:
                 state = load_trainer_state(self.ckpt, model, optimizer)
             except ValueError as e:
                 raise UserError(str(e)) from None
-        self.start = state["step"]
+        self.start, self.state = state["step"], state
         if self.d.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             blob = {k: asdict(v) for k, v in self.config.items()}
@@ -298,7 +290,8 @@ def fit(run: StageRun, model, optimizer, tok, steps: Iterator[dict], total: int,
     at step 0 of a fresh run), print about PROGRESS_LINES lines, and save the trainer state (model,
     optimizer, `loop_state()`) every `run.ckpt_every` steps and at the end. `time_budget` > 0 stops
     once the steps themselves (evaluations and saving not counted) have taken that many seconds, on
-    the slowest rank's clock so every rank stops at the same step. Returns {steps, seconds}.
+    the slowest rank's clock so every rank stops at the same step. Returns {steps, seconds}, the
+    seconds of every step run, before a resume too (they are part of the saved state).
     """
     d = run.d
     if evaluate is not None and run.start == 0:
@@ -306,7 +299,7 @@ def fit(run: StageRun, model, optimizer, tok, steps: Iterator[dict], total: int,
         run.metrics.log({"step": 0, **{f"eval/{k}": v for k, v in ev.items()}})
         run.print("step 0 held-out " + "  ".join(f"{k} {v:.3f}" for k, v in ev.items()))
     every = max(1, total // PROGRESS_LINES)
-    t0, step_time, step = time.perf_counter(), 0.0, run.start
+    t0, step_time, step = time.perf_counter(), run.state.get("seconds", 0.0), run.start
     steps = iter(steps)
     while step < total:
         ts = time.perf_counter()
@@ -326,7 +319,7 @@ def fit(run: StageRun, model, optimizer, tok, steps: Iterator[dict], total: int,
         if step % every == 0 or done or "eval/accuracy" in row:
             run.print(progress_line(step, total, time.perf_counter() - t0, row, keys))
         if step % run.ckpt_every == 0 or done:
-            run.save_state(model, optimizer, tok, {**loop_state(), "step": step})
+            run.save_state(model, optimizer, tok, {**loop_state(), "step": step, "seconds": step_time})
         if done:
             break
     return {"steps": step, "seconds": step_time}

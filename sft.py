@@ -22,14 +22,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from optim import clip_and_step, set_lr
+from optim import check_training, clip_and_step, set_lr
 
 
 @dataclass
 class SFTConfig:
     """One supervised stage's settings. The defaults are the toy's cold start (R1 stage 1); the
     recipe overrides some per stage (see recipe.SFT_STAGE_DEFAULTS)."""
-    steps: int = field(default=150, metadata={"help": "optimizer steps"})
+    steps: int = field(default=150, metadata={"help": "training steps (RL: rollout batches, each mu * "
+                                                      "minibatches optimizer steps)"})
     batch_size: int = field(default=32, metadata={"help": "examples per optimizer step (global, over ranks)"})
     micro_batch: int = field(default=32, metadata={"help": "examples (RL: sequences) per forward/backward; "
                                                           "memory only, the update does not change"})
@@ -39,6 +40,9 @@ class SFTConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient L2 norm to this"})
     max_len: int = field(default=160, metadata={"help": "SFT: examples longer than this (tokens) are truncated"})
+
+    def __post_init__(self):
+        check_training("SFTConfig", self)
 
 
 def encode_example(tok, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:

@@ -45,6 +45,7 @@ from typing import Iterator
 
 import data
 import toy
+from answers import parse_gold
 from tokenizer import r1_zero_prompt
 
 
@@ -141,9 +142,8 @@ class Countdown:
 
 def _check_gold(gold: str, where: str) -> str:
     """`gold` unchanged if the math reward can read it; otherwise a DataError naming `where` ('path:line')."""
-    from rewards import parse_gold  # lazy: the toy and Countdown work without rewards.py
     if parse_gold(gold) is None:
-        raise data.DataError(f"{where}: gold answer {gold[:60]!r} cannot be parsed by rewards.parse_gold; "
+        raise data.DataError(f"{where}: gold answer {gold[:60]!r} cannot be parsed by answers.parse_gold; "
                              "write a plain number or expression such as 42, -3.5 or 3/4")
     return gold
 
@@ -191,14 +191,8 @@ def load_jsonl_samples(path: str | os.PathLike) -> list[dict]:
 # --- tasks read from files ------------------------------------------------------------------------
 
 def _cycle(rows: list[dict], seed: int, start: int) -> Iterator[dict]:
-    """Epoch after epoch, each in its own shuffled order from (seed, epoch); starts at sample `start`."""
-    epoch, offset = divmod(start, len(rows))
-    while True:
-        order = list(range(len(rows)))
-        data.seeded_rng("epoch", seed, epoch).shuffle(order)
-        for k in order[offset:]:
-            yield dict(rows[k])  # a copy: callers may annotate samples
-        epoch, offset = epoch + 1, 0
+    """data.epochs over the rows, each sample a copy (callers may annotate samples)."""
+    return (dict(r) for r in data.epochs(rows, seed, start))
 
 
 class _FileTask:

@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from data import seeded_rng, stable_fraction
+from data import DataError, seeded_rng, stable_fraction
 from tokenizer import TOY_EOS
 
 EOS_TEXT = TOY_EOS  # ends every pretraining document: "<|endoftext|>"
@@ -233,8 +233,8 @@ class ToyArithmetic:
             misses = 0
         if len(out) == n:
             return out
-        raise ValueError(f"only {len(out)} distinct held-out toy problems found, asked for {n}; "
-                         "ask for fewer or raise max_digits / eval_frac")
+        raise DataError(f"only {len(out)} distinct held-out toy problems found, asked for {n}; "
+                        "ask for fewer (--eval_n) or raise --max_digits / --eval_frac")
 
     def sft_response(self, sample: dict) -> str:
         """The ideal response: worked steps in the prompt's language (math), or concise (general)."""

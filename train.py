@@ -29,13 +29,15 @@ import torch  # noqa: E402
 import recipe  # noqa: E402
 from data import DataError  # noqa: E402
 from grpo import LOSS_PRESETS  # noqa: E402
+from rollout import ContextError  # noqa: E402
 from runtime import UserError, init_distributed  # noqa: E402
 
 # Flag groups: (key in recipe.CONFIGS, prefix of its flags, title). A name in two configs is one
 # flag that sets both (--steps sets SFTConfig.steps and GRPOConfig.steps: each stage reads its own).
 GROUPS = (("run", "", "the recipe"),
           ("sft", "", "training (every stage that trains; SFT-only ones say so)"),
-          ("grpo", "", "reinforcement learning (zero, grpo, rl; sampling in sft, rs, distill, eval)"),
+          ("grpo", "", "reinforcement learning (zero, grpo, rl; max_new_tokens and temperature also sample "
+                       "sft, rs, distill and eval)"),
           ("loss", "", "the GRPO loss (defaults: the --loss preset's)"),
           ("rm", "rm_", "the reward model (stage rm)"),
           ("toy", "", "the toy task (--task toy)"))
@@ -94,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         kind = type(_default(f))
         text = f.metadata["help"] + ("" if _default(f) == "" else f" ({default_text(owners)})")
         text = text.replace("%", "%%")
-        extra = dict(nargs="?", const="true", metavar="BOOL") if kind is bool else dict(metavar=kind.__name__.upper())
+        # a boolean alone means true: --dynamic_sampling is --dynamic_sampling true
+        extra = dict(nargs="?", const="true", metavar="BOOL") if kind is bool else {"metavar": kind.__name__.upper()}
         groups[key].add_argument(f"--{name}", dest=name, default=None, help=text, **extra)
     return parser
 
@@ -157,14 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         run = recipe.stage_configs(args, "eval")["run"]
         stages = stages_of(run.stage)
-        if run.threads < 0:
-            raise UserError(f"--threads {run.threads}: use 0 (torch's default) or a positive count")
         if run.threads:
             torch.set_num_threads(run.threads)
         d = init_distributed(run.device)
         for s in stages:
             recipe.RUNNERS[s](recipe.stage_configs(args, s), d)
-    except (UserError, DataError) as e:
+    except (UserError, DataError, ContextError) as e:  # the person's mistakes; anything else is a bug
         print(f"error: {e}", file=sys.stderr)
         return 2
     if d.world > 1:

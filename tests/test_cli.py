@@ -102,6 +102,9 @@ def test_parse_errors_are_user_errors(argv, message):
     (["--stage", "zero", "--agg", "mean"], "agg='mean'"),
     (["--stage", "zero", "--device", "tpu"], "--device 'tpu'"),
     (["--stage", "zero", "--threads", "-1"], "--threads -1"),
+    (["--stage", "zero", "--ckpt_every", "0"], "--ckpt_every 0"),
+    (["--stage", "zero", "--group_size", "0"], "group_size=0"),
+    (["--stage", "sft", "--max_len", "1"], "max_len=1"),
     (["--stage", "zero,,grpo"], "unknown stage ''"),
     (["--stage", "pretrain", "--model", "gpt5"], "unknown model preset 'gpt5'"),
 ])

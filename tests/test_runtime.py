@@ -55,9 +55,12 @@ def test_fit_logs_evaluates_and_checkpoints_on_schedule(tmp_path):
     assert [r["step"] for r in logged if "eval/accuracy" in r] == [0, 2, 4, 5]
     assert len(evals) == 4 and saves == [2, 4, 5]
     state = torch.load(run.ckpt / "trainer_state.pt", weights_only=False)["state"]
-    assert state == {"pos": 42, "step": 5}
+    assert state["pos"] == 42 and state["step"] == 5 and state["seconds"] == out["seconds"] > 0
     resumed = runtime.StageRun(tmp_path, "s", runtime.Dist(), 2, {})
     assert resumed.resume(model, opt)["step"] == 5 and resumed.start == 5
+    # a finished stage run again: no step runs, and its time is the first run's (distill's budget)
+    again = runtime.fit(resumed, model, opt, None, steps(), 5, loop_state=dict, keys=["loss"])
+    assert again == out
 
 
 @pytest.mark.parametrize("fault", ["nan_loss", "refused_step"])

@@ -240,7 +240,8 @@ def test_distill_compares_student_with_equal_time_grpo(out, tmp_path, monkeypatc
     new = fresh(out, tmp_path, "pretrain", "rl")
     assert run("--stage", "distill", "--out", str(new), "--steps", "3") == 0
     assert (new / "student_base" / "model" / "config.json").is_file()  # made by distill
-    assert json.loads((new / "student_base" / "run_config.json").read_text())["sft"]["steps"] == 2
+    student = json.loads((new / "student_base" / "run_config.json").read_text())["sft"]
+    assert student["steps"] == 2 and student["batch_size"] == 8  # --student_steps, and TINY's --batch_size
     blob = json.loads((new / "distill" / "comparison.json").read_text())
     assert set(blob["results"]) == {"teacher", "student base", "distilled student", "student + GRPO, same time"}
     assert blob["grpo_steps"] >= 1 and blob["sft_seconds"] > 0

@@ -19,7 +19,7 @@ from model import Transformer, preset
 from optim import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-# micro model, few steps: each stage takes a second or two
+# micro model, few steps: every stage runs in the CPU suite
 TINY = ["--model", "micro", "--eval_n", "8", "--eval_every", "2", "--prompts_per_step", "4",
         "--group_size", "4", "--max_new_tokens", "24", "--micro_batch", "8", "--batch_size", "8",
         "--sft_prompts", "16", "--sft_samples", "2", "--threads", "1"]
@@ -277,6 +277,13 @@ def test_missing_init(capsys, tmp_path):
     assert "no checkpoint at" in err and "run --stage pretrain first" in err
     assert train.main(["--stage", "eval", "--init", str(tmp_path / "nope")]) == 2
     assert "no checkpoint at" in _err(capsys)
+
+
+def test_budget_beyond_the_context(capsys, pretrained, tmp_path):
+    """--max_new_tokens that leaves a prompt no room in the model's context is the user's to fix."""
+    assert train.main(["--stage", "eval", "--init", str(pretrained / "pretrain" / "model"), *TINY,
+                       "--max_new_tokens", "300"]) == 2
+    assert "exceeds the model's context of 256; shorten it or lower max_new_tokens" in _err(capsys)
 
 
 def test_malformed_sft_jsonl(capsys, pretrained, tmp_path):
