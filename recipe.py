@@ -144,7 +144,7 @@ def stage_configs(args: dict[str, dict], stage: str) -> dict:
         raise UserError(str(e)) from None
 
 
-# --- loading ----------------------------------------------------------------------------------------
+# --- a model trained from scratch ---------------------------------------------------------------
 
 def new_model(name: str, tok: Tokenizer, seed: int, device) -> Transformer:
     """A randomly initialised model of preset `name` for `tok`'s vocabulary."""

@@ -159,7 +159,7 @@ def prefix_attention(q, k_prefix, v_prefix, prefix_start, k, v, backend=None, pr
     query rows on each kv head, so a prompt's keys are read once for its G samples instead of G times,
     and no per-sample copy of the prompt's cache exists.
     """
-    (N, H, Tq, D), (P, Hkv, Tp, _), Tk = q.shape, k_prefix.shape, k.shape[2]
+    (N, H, Tq, D), (P, Hkv, _, _), Tk = q.shape, k_prefix.shape, k.shape[2]
     if Tq != 1 or N % P or k.shape[0] != N or Tk < 1 or H % Hkv:
         raise ValueError(f"prefix_attention decodes one token per row over a shared prefix; got q {tuple(q.shape)}, "
                          f"k_prefix {tuple(k_prefix.shape)}, k {tuple(k.shape)}")
