@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grpo import (AGGS, KL_ESTIMATORS, LOSS_PRESETS, LossConfig, group_advantages, grpo_loss,
+from grpo import (AGGS, IS_CORRECTIONS, KL_ESTIMATORS, LOSS_PRESETS, LossConfig, group_advantages, grpo_loss,
                   informative_groups, loss_preset, overlong_penalty)
 
 MAX_LEN = 12  # the "generation budget" for seq_mean_token_sum_norm; >= T below
@@ -22,26 +22,45 @@ CLIPS = [(0.2, 0.2), (0.2, 0.28)]  # symmetric (DeepSeekMath) and clip-higher (D
 
 
 def reference_loss(logprobs, old, ref, adv, mask, clip_low, clip_high, kl_coef, estimator, agg,
-                   max_len=None, total_tokens=None, total_seqs=None):
-    """DeepSeekMath eq. 3 token by token, with if/else clipping; autograd flows through logprobs."""
+                   max_len=None, total_tokens=None, total_seqs=None, policy_loss="clip", cispo_cap=5.0,
+                   delta=0.0, behavior=None, is_correction="none", is_cap=2.0, truncated=None):
+    """DeepSeekMath eq. 3 token by token, with if/else clipping; autograd flows through logprobs.
+    The options, each as its paper writes it: GSPO's s_i, CISPO's sg(min(r, cap)) * A * log pi,
+    INTELLECT-2's delta, TIS/MIS weights pi_old / mu, DAPO's overlong filtering."""
     N, T = logprobs.shape
     per_seq = []  # per sequence, the list of its token losses (0-dim tensors)
     for i in range(N):
+        positions = [t for t in range(T) if mask[i, t] != 0]
+        if truncated is not None and truncated[i]:
+            positions = []  # overlong filtering: the sequence has no loss, but still counts
+        a = float(adv[i])
+        if policy_loss == "gspo" and positions:  # one ratio for the whole sequence
+            seq_ratio = torch.exp(sum(logprobs[i, t] - old[i, t] for t in positions) / len(positions))
+        if is_correction.startswith("seq_"):  # W = product of the token weights
+            seq_w = math.prod(math.exp(float(old[i, t] - behavior[i, t])) for t in positions)
         tokens = []
-        for t in range(T):
-            if mask[i, t] == 0:
-                continue
-            a = float(adv[i])
-            ratio = torch.exp(logprobs[i, t] - old[i, t])
-            if ratio > 1 + clip_high:  # clip(ratio) is a constant here: no gradient through it
-                clipped_ratio = torch.tensor(1 + clip_high, dtype=torch.float64)
-            elif ratio < 1 - clip_low:
-                clipped_ratio = torch.tensor(1 - clip_low, dtype=torch.float64)
+        for t in positions:
+            ratio = seq_ratio if policy_loss == "gspo" else torch.exp(logprobs[i, t] - old[i, t])
+            if policy_loss == "cispo":
+                loss = -min(float(ratio.detach()), cispo_cap) * a * logprobs[i, t]  # the weight is a constant
             else:
-                clipped_ratio = ratio
-            unclipped, clipped = ratio * a, clipped_ratio * a
-            surrogate = unclipped if float(unclipped.detach()) <= float(clipped.detach()) else clipped
-            loss = -surrogate
+                if ratio > 1 + clip_high:  # clip(ratio) is a constant here: no gradient through it
+                    clipped_ratio = torch.tensor(1 + clip_high, dtype=torch.float64)
+                elif ratio < 1 - clip_low:
+                    clipped_ratio = torch.tensor(1 - clip_low, dtype=torch.float64)
+                else:
+                    clipped_ratio = ratio
+                if delta and ratio > delta:
+                    ratio = torch.tensor(delta, dtype=torch.float64)
+                unclipped, clipped = ratio * a, clipped_ratio * a
+                surrogate = unclipped if float(unclipped.detach()) <= float(clipped.detach()) else clipped
+                loss = -surrogate
+            if is_correction != "none":
+                w = seq_w if is_correction.startswith("seq_") else math.exp(float(old[i, t] - behavior[i, t]))
+                if is_correction.endswith("tis"):
+                    loss = loss * min(w, is_cap)
+                elif w > is_cap:  # mis: the token's policy term is dropped
+                    loss = loss * 0.0
             if kl_coef > 0:
                 log_r = ref[i, t] - logprobs[i, t]  # Schulman's log(p/q), q the policy
                 if estimator == "k1":
@@ -103,6 +122,134 @@ def test_grpo_loss_matches_reference(seed, agg, estimator, clip, kl_coef):
                                        estimator=estimator, agg=agg, max_len=MAX_LEN, **kw)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+
+
+# Each option of the 2025-26 family, with settings that make its branches fire on random_batch.
+# behavior logprobs are old + noise; is_cap 1.2 sits inside the weights' spread on both sides.
+OPTIONS = {
+    "gspo": dict(policy_loss="gspo", clip_low=0.05, clip_high=0.05),
+    "gspo_delta": dict(policy_loss="gspo", clip_low=0.05, clip_high=0.05, delta=1.06),
+    "cispo": dict(policy_loss="cispo", cispo_cap=1.3),
+    "cispo_default_cap": dict(policy_loss="cispo"),
+    "delta": dict(delta=1.5),
+    "token_tis": dict(is_correction="token_tis", is_cap=1.2),
+    "token_mis": dict(is_correction="token_mis", is_cap=1.2),
+    "seq_tis": dict(is_correction="seq_tis", is_cap=1.2),
+    "seq_mis": dict(is_correction="seq_mis", is_cap=1.2),
+    "gspo_seq_tis": dict(policy_loss="gspo", is_correction="seq_tis", is_cap=1.2),
+    "cispo_token_mis": dict(policy_loss="cispo", cispo_cap=1.3, is_correction="token_mis", is_cap=1.2),
+    "mask_truncated": dict(truncated=True),
+    "everything": dict(delta=1.5, is_correction="token_tis", is_cap=1.2, truncated=True),
+}
+
+
+def option_inputs(seed, options):
+    """random_batch plus the sampler's logprobs and a truncated-row flag for the option's kwargs."""
+    logprobs, old, ref, adv, mask = random_batch(seed=seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    kw = dict(options)
+    if kw.get("is_correction", "none") != "none":
+        kw["behavior"] = old + 0.3 * torch.randn(old.shape, generator=g, dtype=torch.float64)
+    if kw.pop("truncated", False):
+        kw["truncated"] = torch.tensor([i % 3 == 0 for i in range(len(adv))])  # rows 0, 3: cut off
+    return (logprobs, old, ref, adv, mask), kw
+
+
+def to_grpo_kwargs(kw):
+    out = dict(kw)
+    if "behavior" in out:
+        out["behavior_logprobs"] = out.pop("behavior")
+    return out
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("kl_coef", [0.0, 0.04])
+def test_loss_options_match_reference(name, agg, kl_coef):
+    """Every option, in every aggregation, with and without the KL: value and gradient in float64."""
+    (logprobs, old, ref, adv, mask), kw = option_inputs(AGGS.index(agg), OPTIONS[name])
+    kw = {"clip_low": 0.2, "clip_high": 0.2, **kw}
+    loss, grad = loss_and_grad(grpo_loss, logprobs, old, ref, adv, mask, kl_coef=kl_coef, agg=agg,
+                               max_len=MAX_LEN, **to_grpo_kwargs(kw))
+    ref_loss, ref_grad = loss_and_grad(reference_loss, logprobs, old, ref, adv, mask, kl_coef=kl_coef,
+                                       estimator="k3", agg=agg, max_len=MAX_LEN, **kw)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_option_batches_exercise_their_branches(name):
+    """The parity test means something only if each option's cap or clip fires on some tokens
+    and not on others."""
+    (logprobs, old, ref, adv, mask), kw = option_inputs(0, OPTIONS[name])
+    _, stats = grpo_loss(logprobs, old, ref, adv, mask, **to_grpo_kwargs(kw))
+    if kw.get("policy_loss") == "gspo":
+        assert 0 < stats["clip_frac_low"] + stats["clip_frac_high"] < 1
+    if kw.get("policy_loss") == "cispo" and kw.get("cispo_cap", 5.0) < 2:
+        assert 0 < stats["clip_frac_high"] < 1
+    if kw.get("delta"):
+        assert 0 < stats["clip_frac_delta"] < 1
+    if kw.get("is_correction", "none") != "none":
+        assert 0 < stats["is_capped_frac"] < 1
+    if "truncated" in kw:
+        assert stats["num_tokens"] < float(mask.sum())
+
+
+@pytest.mark.parametrize("name", ["gspo", "cispo", "token_tis", "seq_mis", "mask_truncated"])
+@pytest.mark.parametrize("agg", AGGS)
+def test_options_microbatch_invariance(name, agg):
+    """Shares over micro-batches sum to the full batch's loss and gradient for the options too (GSPO
+    and seq_* act per sequence, which a micro-batch never splits)."""
+    (logprobs, old, ref, adv, mask), kw = option_inputs(3, OPTIONS[name])
+    kw = to_grpo_kwargs(kw)
+    full_loss, full_grad = loss_and_grad(grpo_loss, logprobs, old, ref, adv, mask, agg=agg, max_len=MAX_LEN,
+                                         **kw)
+    lp = logprobs.clone().requires_grad_(True)
+    from grpo import effective_mask
+    total_tokens = effective_mask(mask, kw.get("truncated")).sum()
+    total = 0.0
+    for rows in (slice(0, 2), slice(2, 6)):
+        part = {k: (v[rows] if torch.is_tensor(v) else v) for k, v in kw.items()}
+        loss, _ = grpo_loss(lp[rows], old[rows], ref[rows], adv[rows], mask[rows], agg=agg, max_len=MAX_LEN,
+                            total_tokens=total_tokens, total_seqs=len(adv), **part)
+        loss.backward()
+        total = total + loss.detach()
+    torch.testing.assert_close(total, full_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lp.grad, full_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_cispo_keeps_every_tokens_gradient():
+    """CISPO's point: a token whose ratio is far outside the clip range still gets -w A / n."""
+    logprobs, old, adv, mask = clip_example()
+    lp = logprobs.clone().requires_grad_(True)
+    loss, _ = grpo_loss(lp, old, None, adv, mask, kl_coef=0.0, agg="token_mean", policy_loss="cispo",
+                        cispo_cap=1.3)
+    loss.backward()
+    weights = torch.tensor([1.3, 0.5, 1.0, 1.25], dtype=torch.float64)  # min(ratio, 1.3)
+    torch.testing.assert_close(lp.grad, -adv[:, None] * weights / 12)
+
+
+def test_on_policy_sampler_match_is_a_no_op():
+    """behavior == old: w = 1 on every token, so each correction leaves loss and gradient alone."""
+    logprobs, old, ref, adv, mask = random_batch(seed=11)
+    base = loss_and_grad(grpo_loss, logprobs, old, ref, adv, mask)
+    for mode in IS_CORRECTIONS:
+        got = loss_and_grad(grpo_loss, logprobs, old, ref, adv, mask, behavior_logprobs=old.clone(),
+                            is_correction=mode, is_cap=1.0)
+        torch.testing.assert_close(got, base, rtol=0, atol=0)
+    _, stats = grpo_loss(logprobs, old, ref, adv, mask, behavior_logprobs=old)
+    assert stats["is_logw_abs_mean"] == 0 and stats["is_w_max"] == 1 and stats["is_capped_frac"] == 0
+
+
+def test_mismatch_stats_values():
+    (logprobs, old, ref, adv, mask), kw = option_inputs(0, OPTIONS["token_mis"])
+    beh = kw["behavior"]
+    _, stats = grpo_loss(logprobs, old, ref, adv, mask, behavior_logprobs=beh, is_correction="token_mis",
+                         is_cap=1.2)
+    log_w = (old - beh)[mask.bool()]
+    assert stats["is_logw_abs_mean"] == pytest.approx(float(log_w.abs().mean()))
+    assert stats["is_w_max"] == pytest.approx(float(log_w.exp().max()))
+    assert stats["is_capped_frac"] == pytest.approx(float((log_w.exp() > 1.2).double().mean()))
 
 
 def test_random_batch_exercises_both_clips():
