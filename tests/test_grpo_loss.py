@@ -423,9 +423,77 @@ def test_group_advantages_properties(P, G, scale, data):
     assert (adv[~informative_groups(r)] == 0).all()
 
 
+def reference_advantages(rewards, scale, baseline, eps=1e-4):
+    """Plain loops: A_i = (r_i - b_i) / s with b_i the group mean or the mean of the others."""
+    rows = rewards.tolist()
+    everything = [x for row in rows for x in row]
+    out = []
+    for row in rows:
+        G = len(row)
+        mean = sum(row) / G
+        std = math.sqrt(sum((x - mean) ** 2 for x in row) / (G - 1)) if G > 1 else 0.0
+        batch_mean = sum(everything) / len(everything)
+        batch_std = math.sqrt(sum((x - batch_mean) ** 2 for x in everything) / (len(everything) - 1))
+        adv = []
+        for i, x in enumerate(row):
+            if all(y == row[0] for y in row):
+                adv.append(0.0)
+                continue
+            b = mean if baseline == "mean" else sum(row[j] for j in range(G) if j != i) / (G - 1)
+            s = {"std": std + eps, "none": 1.0, "batch": batch_std + eps}[scale]
+            adv.append((x - b) / s)
+        out.append(adv)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("scale", ["std", "none", "batch"])
+@pytest.mark.parametrize("baseline", ["mean", "rloo"])
+def test_group_advantages_match_reference(scale, baseline):
+    g = torch.Generator().manual_seed(0)
+    r = torch.rand(5, 4, generator=g, dtype=torch.float64).round(decimals=1)
+    r[1] = 0.7  # a tied group
+    got = group_advantages(r, scale=scale, baseline=baseline)
+    torch.testing.assert_close(got, reference_advantages(r, scale, baseline), rtol=1e-12, atol=1e-12)
+    assert (got[1] == 0).all()
+
+
+def test_rloo_known_values_and_batch_std_override():
+    r = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    # A_0 = 1 - 0 = 1; A_j = 0 - 1/3 for the others
+    torch.testing.assert_close(group_advantages(r, scale="none", baseline="rloo"),
+                               torch.tensor([[1.0, -1 / 3, -1 / 3, -1 / 3]]))
+    got = group_advantages(r, scale="batch", batch_std=2.0)  # e.g. the std over every rank
+    torch.testing.assert_close(got, (r - 0.25) / (2.0 + 1e-4))
+
+
+def test_decoupled_advantages_gdpo():
+    """GDPO: each component normalised in its group, weighted, summed, over the batch's std. Two
+    reward combinations that GRPO maps to the same advantage stay apart."""
+    from grpo import decoupled_advantages
+    acc = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    fmt = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    comps, w = torch.stack([acc, fmt], dim=2), torch.tensor([1.0, 0.5])
+    got = decoupled_advantages(comps, w)
+    summed = reference_advantages(acc, "std", "mean") + 0.5 * reference_advantages(fmt, "std", "mean")
+    flat = summed.flatten().tolist()
+    mean = sum(flat) / len(flat)
+    std = math.sqrt(sum((x - mean) ** 2 for x in flat) / (len(flat) - 1))
+    torch.testing.assert_close(got, summed / (std + 1e-4), rtol=1e-12, atol=1e-12)
+    assert (got[1] == 0).all()  # every component tied: exactly 0
+    # GDPO's example: groups {(1, 1), (0, 0)} and {(1, 0), (0, 0)} of (accuracy, format) get the same
+    # advantages when the sum is normalised (2 vs 0 and 1 vs 0 both give +-0.707), not when each is
+    pairs = torch.tensor([[[1.0, 1.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]])  # (P=2, G=2, K=2)
+    grpo_adv = group_advantages(pairs.sum(dim=2))
+    torch.testing.assert_close(grpo_adv[0], grpo_adv[1], atol=1e-3, rtol=0)  # equal up to eps
+    gdpo_adv = decoupled_advantages(pairs, torch.tensor([1.0, 1.0]))
+    assert gdpo_adv[0, 0] > gdpo_adv[1, 0] > 0
+
+
 def test_group_advantages_errors():
     with pytest.raises(ValueError, match="scale"):
         group_advantages(torch.zeros(2, 3), scale="mad")
+    with pytest.raises(ValueError, match="baseline"):
+        group_advantages(torch.zeros(2, 3), baseline="median")
     with pytest.raises(ValueError, match="NaN"):
         group_advantages(torch.tensor([[0.0, float("nan")]]))
 
@@ -472,3 +540,28 @@ def test_loss_preset_overrides_and_errors():
         loss_preset("grpo", kl_estimator="k4")
     with pytest.raises(ValueError, match="clip_low"):
         LossConfig(clip_low=1.5)
+
+
+def test_rl_loop_advantages_follow_the_loss_config():
+    """grpo.advantages: the summed reward or GDPO's components (with the reward function's weights
+    and the overlong penalty at weight 1); a batch std over all ranks through all_reduce."""
+    from grpo import advantages, decoupled_advantages
+    acc = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    fmt = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    over = torch.tensor([[0.0, -0.5, 0.0], [0.0, 0.0, -1.0]])
+    parts, weights = {"accuracy": acc, "format": fmt, "language": fmt, "overlong": over}, \
+        {"accuracy": 1.0, "format": 0.1, "language": 0.0}
+    rewards = acc + 0.1 * fmt + over
+    got = advantages(rewards, parts, weights, LossConfig(reward_norm="per_component"))
+    want = decoupled_advantages(torch.stack([acc, fmt, over], dim=2), torch.tensor([1.0, 0.1, 1.0]))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(advantages(rewards, parts, None, LossConfig(adv_baseline="rloo")),
+                               group_advantages(rewards, baseline="rloo"))
+    # two ranks holding the same rewards: the global std is that of the batch stacked twice
+    two = advantages(rewards, parts, None, LossConfig(adv_scale="batch"), all_reduce=lambda x: 2 * x)
+    torch.testing.assert_close(two, group_advantages(rewards, scale="batch",
+                                                     batch_std=float(torch.cat([rewards, rewards]).std())))
+    with pytest.raises(ValueError, match="weighted components"):
+        advantages(rewards, parts, None, LossConfig(reward_norm="per_component"))
+    with pytest.raises(ValueError, match="no value per sample"):
+        advantages(rewards, {"format": fmt}, weights, LossConfig(reward_norm="per_component"))
