@@ -212,7 +212,7 @@ class PromptStream:
 
 
 RL_KEYS = ("reward", "reward/accuracy", "reward/format", "reward/language", "reward/rm", "response_length",
-           "kl", "clip_frac", "eval/accuracy", "gen_tok_per_s", "train_tok_per_s")
+           "kl", "clip_frac", "entropy", "is_logw_abs_mean", "eval/accuracy", "gen_tok_per_s", "train_tok_per_s")
 
 
 def run_rl(c: dict, d: Dist, name: str, src: Path, reward_fn: RewardFn, prompts: PromptStream,
