@@ -467,8 +467,10 @@ LOSS_ARGS = ("clip_low", "clip_high", "kl_coef", "kl_estimator", "agg", "policy_
 
 # A reward function: (completions, samples) -> (rewards, components). samples[i] is the task's
 # sample dict for completions[i] (its prompt, gold answer, ...); rewards[i] is a float; components
-# maps a name to the values to log for it (any number of them; their mean is logged as
-# "reward/<name>", averaged over ranks, so every rank must return the same names).
+# maps a name to the values to log for it (any number of them, None where a component does not
+# apply; the mean over the others is logged as "reward/<name>", NaN if none, averaged over ranks,
+# so every rank must return the same names). An optional `weights` attribute ({name: weight},
+# rewards.RewardSum has one) lets reward_norm="per_component" normalise the components (GDPO).
 RewardFn = Callable[[list[str], list[dict]], tuple[list[float], dict[str, list[float]]]]
 
 

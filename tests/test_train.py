@@ -91,6 +91,51 @@ def test_zero_stage_importance_correction_ignore_eos_mask_truncated(pretrained, 
     assert resolved["loss"]["is_correction"] == "token_tis" and resolved["grpo"]["ignore_eos"] is True
 
 
+def readme_plugin() -> str:
+    """The reward plug-in file shown in README.md ("# brevity.py" block): the test runs that text."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```python\n# brevity.py\n") + len("```python\n")
+    return text[start:text.index("```", start)]
+
+
+def test_reward_plugin_end_to_end(pretrained, tmp_path):
+    """README's brevity.py on a JSONL task through train.main: the plug-in sees the line's own column
+    (max_chars), its mean is logged, and the step's reward is the weighted sum."""
+    from data import write_jsonl
+    from toy import ToyArithmetic
+    rows = [{"prompt": s["prompt"], "answer": s["answer"], "raw_prompt": True, "max_chars": 5}
+            for s in ToyArithmetic().eval_samples(8)]
+    write_jsonl(tmp_path / "problems.jsonl", rows)
+    (tmp_path / "brevity.py").write_text(readme_plugin())
+    out = tmp_path / "r"
+    (out / "pretrain").mkdir(parents=True)
+    os.symlink(pretrained / "pretrain" / "model", out / "pretrain" / "model")
+    assert run("--stage", "zero", "--out", str(out), "--steps", "2", "--task", f"jsonl:{tmp_path / 'problems.jsonl'}",
+               "--reward", f"{tmp_path / 'brevity.py'}:brevity=0.5", "--reward", "rewards:score_format=0") == 0
+    for row in metrics(out / "zero" / "metrics.jsonl")[1:]:
+        assert row["reward/brevity"] < 0  # the micro model's completions run past 5 characters
+        want = row["reward/accuracy"] + 0.1 * row["reward/format"] + 0.5 * row["reward/brevity"]
+        assert row["reward"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+        assert "reward/score_format" in row
+    resolved = json.loads((out / "zero" / "run_config.json").read_text())
+    assert resolved["run"]["reward"].endswith("brevity.py:brevity=0.5,rewards:score_format=0")
+
+
+def test_reward_plugin_errors(pretrained, tmp_path, capsys):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def short(completions, samples):\n    return [0.0]\n")
+    assert train.main(["--stage", "zero", "--reward", f"{tmp_path}/missing.py:f"]) == 2
+    assert "not found" in _err(capsys)
+    assert train.main(["--stage", "zero", "--reward", f"{bad}:long"]) == 2
+    assert "has no function 'long'" in _err(capsys)
+    out = tmp_path / "r"
+    (out / "pretrain").mkdir(parents=True)
+    os.symlink(pretrained / "pretrain" / "model", out / "pretrain" / "model")
+    assert run("--stage", "zero", "--out", str(out), "--steps", "1", "--reward", f"{bad}:short") == 2
+    assert "reward 'short' returned 1 values for 16 completions" in _err(capsys)
+    assert not (out / "zero" / "model").exists()
+
+
 def test_full_chain_sft_grpo_eval_plot(pretrained, tmp_path, capsys):
     out = tmp_path / "r"
     (out / "pretrain").mkdir(parents=True)
