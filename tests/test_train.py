@@ -83,7 +83,8 @@ def test_zero_stage_importance_correction_ignore_eos_mask_truncated(pretrained, 
     (out / "pretrain").mkdir(parents=True)
     os.symlink(pretrained / "pretrain" / "model", out / "pretrain" / "model")
     assert run("--stage", "zero", "--out", str(out), "--steps", "1", "--is_correction", "token_tis",
-               "--ignore_eos", "--mask_truncated", "--kl_coef", "0") == 0
+               "--ignore_eos", "--mask_truncated", "--kl_coef", "0", "--reward_norm", "per_component",
+               "--adv_baseline", "rloo", "--adv_scale", "batch") == 0
     row = metrics(out / "zero" / "metrics.jsonl")[1]
     assert row["response_length"] == 24 and row["finish_eos"] == 0  # TINY's max_new_tokens
     assert row["pg_loss"] == 0 and row["grad_norm"] == 0
