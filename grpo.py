@@ -20,9 +20,7 @@ Papers:
   §3.3). Truncated / masked importance sampling between the sampler (mu) and the trainer's pi_old
   (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training";
   verl's rollout_is): token and sequence forms. DAPO §3.4 overlong filtering (mask_truncated).
-  RLOO baseline (Ahmadian et al. 2024, "Back to Basics"), batch-std scaling (Liu et al. 2025,
-  "Part I: Tricks or Traps? A Deep Dive into RL for LLM Reasoning", Lite PPO; TRL's
-  scale_rewards="batch"), per-component reward normalisation (GDPO, Liu et al. 2026).
+  The advantage variants (RLOO, batch std, GDPO) are advantages.py's.
 
 Shapes: P prompts, G outputs per prompt (the group), N sequences in this micro-batch (any subset
 of the P*G, in any order), T padded completion length. `mask` is 1 on completion tokens.
@@ -31,11 +29,18 @@ Departures and choices:
 - The KL is a per-token term in the loss, as in DeepSeekMath eq. 3, not a per-token penalty folded
   into the reward as in PPO-RLHF (InstructGPT). Like every implementation, it is evaluated at tokens
   sampled from pi_old rather than pi_theta (the two coincide on the first pass over a batch).
-- Advantage std is the sample std (Bessel-corrected, torch's default and what TRL uses; DeepSeekMath
-  does not say which). eps=1e-4 is added to the std (TRL's value), and a group whose rewards are all
-  equal gets exactly 0, so nothing is NaN, also for G=1.
+- Advantages (group, RLOO, batch-scaled, GDPO) and DAPO's reward shaping live in advantages.py,
+  with their own departures.
 - Clipping has separate low/high ranges (DAPO); with clip_low == clip_high it is DeepSeekMath's.
-  No dual-clip (Ye et al. 2020) and no clamp on the KL's log-ratio.
+  No clamp on the KL's log-ratio. `delta` (INTELLECT-2) caps the ratio where A < 0, which is what
+  dual-clip (Ye et al. 2020; verl's clip_ratio_c) does.
+- Importance correction: MIS gives a token weight 0 but keeps it in the token count (as TRL does),
+  so the global count is known before the forward; only an upper cap, no lower one (TRL and verl
+  offer both).
+- On-policy steps (mu = 1, one minibatch) take pi_old from the update's own forward, detached:
+  the ratio is exactly 1, and the sampler's logprobs serve as mu, so the mismatch is measured and
+  can be corrected rather than folded into the ratio.
+- The policy's token entropy is computed from the update's logits (no extra forward), logged only.
 - Micro-batch and data-parallel invariance: pass the whole minibatch's `total_tokens` and
   `total_seqs`, and each call returns its *share*; the shares (and their gradients) sum to the
   full-minibatch loss. DeepSeekMath averages per prompt group; averaging over all sequences of a
@@ -51,12 +56,11 @@ from typing import Callable, Iterator
 
 import torch
 
+from advantages import ADV_BASELINES, ADV_SCALES, informative_groups, overlong_penalty, step_advantages
 from optim import clip_and_step, set_lr, warmup_lr
 from rollout import (completion_text, concat_groups, derive_seed, gathered_weights, generate, token_entropy,
                      token_logprobs)
 
-ADV_SCALES = ("std", "none", "batch")
-ADV_BASELINES = ("mean", "rloo")
 REWARD_NORMS = ("sum", "per_component")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
@@ -176,84 +180,6 @@ def loss_preset(name: str, **overrides) -> LossConfig:
     if unknown:
         raise ValueError(f"unknown LossConfig field(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
     return replace(LOSS_PRESETS[name], **overrides)
-
-
-# --- rewards to advantages ---------------------------------------------------------------------
-
-
-def group_advantages(rewards: torch.Tensor, scale: str = "std", baseline: str = "mean", eps: float = 1e-4,
-                     batch_std: float | None = None) -> torch.Tensor:
-    """Outcome-supervision advantages (DeepSeekMath §4.1.2): each reward relative to its group.
-
-    rewards (P, G) -> (P, G). A_i = (r_i - b_i) / s.
-    baseline "mean": b_i = mean_j r_j (DeepSeekMath); "rloo": b_i = mean_{j != i} r_j (Ahmadian et al.
-      2024), which is G / (G - 1) * (r_i - mean_j r_j).
-    scale "std": s = sample std of the group + eps (DeepSeekMath); "none": s = 1 (Dr. GRPO); "batch":
-      s = sample std of every reward in the batch + eps (Lite PPO, TRL's scale_rewards="batch");
-      `batch_std` replaces that std (the RL loop passes the std over all ranks' rewards).
-    A group whose rewards are all equal carries no signal and gets exactly 0 (also for G = 1).
-    """
-    if rewards.dim() != 2 or scale not in ADV_SCALES or baseline not in ADV_BASELINES:
-        raise ValueError(f"group_advantages: need rewards (P, G), scale in {ADV_SCALES} and baseline in "
-                         f"{ADV_BASELINES}, got shape {tuple(rewards.shape)}, {scale!r}, {baseline!r}")
-    if not torch.isfinite(rewards).all():
-        raise ValueError("group_advantages: rewards contain NaN or inf; check the reward functions")
-    r = rewards if rewards.is_floating_point() else rewards.float()  # (P, G)
-    G = r.shape[1]
-    adv = r - r.mean(dim=1, keepdim=True)  # (P, G)
-    if baseline == "rloo" and G > 1:
-        adv = adv * (G / (G - 1))  # r_i - (sum_j r_j - r_i) / (G - 1)
-    if scale == "std" and G > 1:  # for G = 1 the sample std is undefined; adv is 0 anyway
-        adv = adv / (r.std(dim=1, keepdim=True) + eps)  # (P, G), sample std (correction=1)
-    elif scale == "batch":
-        std = batch_std if batch_std is not None else (float(r.std()) if r.numel() > 1 else 0.0)
-        adv = adv / (std + eps)
-    flat = (r == r[:, :1]).all(dim=1, keepdim=True)  # (P, 1), all equal: mean may round, so force 0
-    return adv.masked_fill(flat, 0.0)  # (P, G)
-
-
-def decoupled_advantages(components: torch.Tensor, weights: torch.Tensor, scale: str = "std",
-                         baseline: str = "mean", eps: float = 1e-4, batch_std=None) -> torch.Tensor:
-    """GDPO (Liu et al. 2026, "Group reward-Decoupled Normalization Policy Optimization"): each reward
-    normalised within its group, then summed with its weight, then divided by the batch's std.
-
-    components (P, G, K) raw reward values, weights (K,) -> (P, G).
-    A = S / (std over the batch of S + eps), S = sum_k w_k * group_advantages(r_k, scale, baseline).
-    GDPO also subtracts the batch mean of S; every group's S sums to 0, so that mean is 0 already
-    and is not subtracted (it would move groups whose rewards all tie off exactly 0).
-    `batch_std(S) -> float` replaces the local std (the RL loop passes the std over all ranks).
-    """
-    if components.dim() != 3 or weights.shape != components.shape[2:]:
-        raise ValueError(f"decoupled_advantages: need components (P, G, K) and weights (K,), got "
-                         f"{tuple(components.shape)} and {tuple(weights.shape)}")
-    parts = [group_advantages(components[:, :, k], scale, baseline, eps) for k in range(components.shape[2])]
-    summed = (torch.stack(parts, dim=2) * weights.to(parts[0].dtype)).sum(dim=2)  # (P, G)
-    std = batch_std(summed) if batch_std is not None else (float(summed.std()) if summed.numel() > 1 else 0.0)
-    return summed / (std + eps)  # (P, G); tied groups are 0 in every part, so 0 here
-
-
-def informative_groups(rewards: torch.Tensor) -> torch.Tensor:
-    """DAPO's dynamic-sampling filter: rewards (P, G) -> (P,) bool, True where not all rewards are
-    equal. The other groups have zero advantage and so no policy gradient (only KL, if any)."""
-    return (rewards != rewards[:, :1]).any(dim=1)  # (P,)
-
-
-def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int,
-                     penalty: float = 1.0) -> torch.Tensor:
-    """DAPO eq. 13, soft overlong punishment, added to the task reward. lengths (N,) -> (N,) float.
-
-    0 up to max_len - buffer tokens, then falls linearly to -penalty at max_len, and stays at
-    -penalty beyond it. max_len is DAPO's L_max (the generation budget), buffer its L_cache.
-    buffer = 0 turns the punishment off (all zeros).
-    """
-    if not 0 <= buffer <= max_len:
-        raise ValueError(f"overlong_penalty: need 0 <= buffer <= max_len, got buffer={buffer}, "
-                         f"max_len={max_len}; DAPO's buffer is 1/5 of the budget")
-    lengths = lengths.float()  # (N,)
-    if buffer == 0:
-        return torch.zeros_like(lengths)  # (N,)
-    frac = ((max_len - buffer) - lengths) / buffer  # (N,), > 0 before the buffer, -1 at max_len
-    return frac.clamp(-1.0, 0.0) * penalty  # (N,)
 
 
 # --- the loss ----------------------------------------------------------------------------------
@@ -379,7 +305,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
                  and (truncated is None or truncated.shape == advantages.shape))
     if not shapes_ok:
         raise ValueError("grpo_loss: need logprobs, old_logprobs, mask (N, T) and advantages (N,) (and "
-                         f"behavior_logprobs (N, T), truncated (N,) if given), got {tuple(logprobs.shape)}, {tuple(old_logprobs.shape)}, "
+                         f"behavior_logprobs (N, T), truncated (N,) if given), got {tuple(logprobs.shape)}, "
+                         f"{tuple(old_logprobs.shape)}, "
                          f"{tuple(mask.shape)}, {tuple(advantages.shape)}")
     m = effective_mask(mask, truncated).bool()  # (N, T)
     mf = m.to(logprobs.dtype)  # (N, T)
@@ -603,7 +530,8 @@ def collect(policy, ref, tok, draw_prompts, n_prompts: int, reward_fn: RewardFn,
             roll = concat_groups([(roll, kept), (r2, list(range(len(extra))))], G, tok.pad_id)
             rewards = torch.cat([rewards[kept], rew2])                            # (P, G)
             parts = {k: torch.cat([v[kept], parts2[k]]) for k, v in parts.items()}  # (P, G) each
-    adv = advantages(rewards, parts, getattr(reward_fn, "weights", None), lcfg, all_reduce).flatten()  # (P*G,)
+    adv = step_advantages(rewards, parts, getattr(reward_fn, "weights", None), lcfg.adv_scale, lcfg.adv_baseline,
+                          lcfg.reward_norm, all_reduce).flatten()                # (P*G,)
     ids, start = roll.input_ids, roll.kv_start                                   # (N, L), (N,)
     old = None  # on-policy: policy_update takes pi_old from its own forward, before the one step
     if cfg.mu > 1 or cfg.minibatches > 1:
@@ -713,28 +641,3 @@ def _sample_and_score(policy, tok, samples, reward_fn: RewardFn, cfg: GRPOConfig
         comps["overlong"] = float(pen.mean())
         parts["overlong"] = pen.view_as(rewards)                                  # (P, G)
     return roll, rewards, comps, parts
-
-
-def advantages(rewards: torch.Tensor, parts: dict[str, torch.Tensor], weights: dict[str, float] | None,
-               lcfg: LossConfig, all_reduce=None) -> torch.Tensor:
-    """rewards (P, G) -> advantages (P, G) as lcfg says: `group_advantages` of the summed reward, or
-    (reward_norm "per_component") GDPO's `decoupled_advantages` of the components `parts` (P, G)
-    each, summed with `weights` (the reward function's; the overlong penalty weighs 1)."""
-    def batch_std(x: torch.Tensor) -> float:  # sample std of x over every rank's batch
-        n, s1, s2 = (_sum(float(v), all_reduce) for v in (x.numel(), x.double().sum(), x.double().pow(2).sum()))
-        return math.sqrt(max(s2 - s1 * s1 / n, 0.0) / (n - 1)) if n > 1 else 0.0
-
-    if lcfg.reward_norm == "per_component":
-        if weights is None:
-            raise ValueError("reward_norm='per_component' needs a reward function with weighted components "
-                             "(rewards.RewardSum); this one has no .weights")
-        missing = sorted(k for k, v in weights.items() if v and k not in parts)
-        if missing:
-            raise ValueError(f"reward_norm='per_component': the reward function gave no value per sample for {missing}")
-        names = sorted(k for k in parts if k == "overlong" or weights.get(k))  # the same order on every rank
-        w = torch.tensor([1.0 if k == "overlong" else float(weights.get(k, 0.0)) for k in names])
-        comps = torch.stack([parts[k] for k in names], dim=2)                     # (P, G, K)
-        scale = "none" if lcfg.adv_scale == "batch" else lcfg.adv_scale  # the sum's batch std scales
-        return decoupled_advantages(comps, w, scale, lcfg.adv_baseline, batch_std=batch_std)
-    std = batch_std(rewards) if lcfg.adv_scale == "batch" else None
-    return group_advantages(rewards, lcfg.adv_scale, lcfg.adv_baseline, batch_std=std)

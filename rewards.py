@@ -41,6 +41,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
+import math
 import os
 import re
 import time
@@ -432,7 +433,7 @@ def _checked(name: str, values, n: int) -> list:
         raise RewardError(f"reward {name!r} returned {got} for {n} completions; return a list with one float "
                           "(or None: does not apply) per completion")
     for v in values:
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf")):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
             raise RewardError(f"reward {name!r} returned {v!r}; each value must be a finite number or None")
     return [None if v is None else float(v) for v in values]
 

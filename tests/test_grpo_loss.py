@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grpo import (AGGS, IS_CORRECTIONS, KL_ESTIMATORS, LOSS_PRESETS, LossConfig, group_advantages, grpo_loss,
-                  informative_groups, loss_preset, overlong_penalty)
+from advantages import decoupled_advantages, group_advantages, informative_groups, overlong_penalty, step_advantages
+from grpo import AGGS, IS_CORRECTIONS, KL_ESTIMATORS, LOSS_PRESETS, LossConfig, grpo_loss, loss_preset
 
 MAX_LEN = 12  # the "generation budget" for seq_mean_token_sum_norm; >= T below
 CLIPS = [(0.2, 0.2), (0.2, 0.28)]  # symmetric (DeepSeekMath) and clip-higher (DAPO)
@@ -469,7 +469,6 @@ def test_rloo_known_values_and_batch_std_override():
 def test_decoupled_advantages_gdpo():
     """GDPO: each component normalised in its group, weighted, summed, over the batch's std. Two
     reward combinations that GRPO maps to the same advantage stay apart."""
-    from grpo import decoupled_advantages
     acc = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
     fmt = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
     comps, w = torch.stack([acc, fmt], dim=2), torch.tensor([1.0, 0.5])
@@ -543,9 +542,13 @@ def test_loss_preset_overrides_and_errors():
 
 
 def test_rl_loop_advantages_follow_the_loss_config():
-    """grpo.advantages: the summed reward or GDPO's components (with the reward function's weights
+    """advantages.step_advantages with a LossConfig's settings: the summed reward or GDPO's
+    components (with the reward function's weights
     and the overlong penalty at weight 1); a batch std over all ranks through all_reduce."""
-    from grpo import advantages, decoupled_advantages
+
+    def advantages(rewards, parts, weights, lcfg, all_reduce=None):
+        return step_advantages(rewards, parts, weights, lcfg.adv_scale, lcfg.adv_baseline, lcfg.reward_norm,
+                               all_reduce)
     acc = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
     fmt = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
     over = torch.tensor([[0.0, -0.5, 0.0], [0.0, 0.0, -1.0]])
