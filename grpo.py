@@ -15,9 +15,9 @@ Papers:
   http://joschu.net/blog/kl-approx.html
 - The 2025-26 options (each a LossConfig field and a flag; formulas in `grpo_loss`):
   GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"): one length-normalised ratio per
-  sequence. CISPO (MiniMax-M1, MiniMax 2025, §3.1): a truncated, stopped-gradient IS weight on
-  log pi, so no token's gradient is dropped. Two-sided clip (INTELLECT-2, Prime Intellect 2025,
-  §3.3). Truncated / masked importance sampling between the sampler (mu) and the trainer's pi_old
+  sequence. CISPO (MiniMax-M1 report, MiniMax 2025): a truncated, stopped-gradient IS weight on
+  log pi, so no token's gradient is dropped. Two-sided clip (INTELLECT-2 report, Prime Intellect
+  2025). Truncated / masked importance sampling between the sampler (mu) and the trainer's pi_old
   (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training";
   verl's rollout_is): token and sequence forms. DAPO §3.4 overlong filtering (mask_truncated).
   The advantage variants (RLOO, batch std, GDPO) are advantages.py's.
@@ -87,11 +87,11 @@ class LossConfig:
     # The policy term; formulas in `grpo_loss`.
     policy_loss: str = field(default="clip", metadata={"help": "clip (PPO/GRPO token ratio) | gspo (one ratio "
                                                                "per sequence) | cispo (MiniMax-M1)"})
-    # MiniMax-M1 caps the IS weight from above only; 5 is the default, not the paper's (it
-    # gives none). ScaleRL (Khatri et al. 2025) uses caps of 4-5.
+    # MiniMax-M1 caps the IS weight from above only and gives no value; 5 is ScaleRL's (Khatri et
+    # al. 2025, "The Art of Scaling RL Compute"), the value TRL's docs recommend.
     cispo_cap: float = field(default=5.0, metadata={"help": "cispo: the stopped-gradient weight is "
                                                             "min(ratio, cispo_cap)"})
-    # INTELLECT-2 §3.3 uses delta = 4; 0 = off. Must exceed 1 + clip_high.
+    # INTELLECT-2 uses delta = 4; 0 = off. Must exceed 1 + clip_high.
     delta: float = field(default=0.0, metadata={"help": "two-sided clip (INTELLECT-2): cap the unclipped "
                                                         "ratio at delta (0: off)"})
     # Sampler (mu) vs trainer (pi_old) mismatch; w = pi_old / mu. Formulas in `importance_weights`.
@@ -162,10 +162,10 @@ LOSS_PRESETS: dict[str, LossConfig] = {
     # it back).
     "dapo": LossConfig(clip_high=0.28, kl_coef=0.0, agg="token_mean", dynamic_sampling=True,
                        overlong_buffer_frac=4096 / 20480),
-    # GSPO §4.1: sequence-level ratios clipped at 3e-4 / 4e-4 (TRL's GSPO recipe), no KL; one loss
-    # per sequence averaged over the group, i.e. seq_mean_token_mean of a per-sequence term.
+    # GSPO: sequence-level ratios clipped at 3e-4 / 4e-4 (the paper's ranges for its eq. 5), no KL;
+    # one term per sequence averaged over the group, i.e. seq_mean_token_mean of a per-sequence term.
     "gspo": LossConfig(policy_loss="gspo", clip_low=3e-4, clip_high=4e-4, kl_coef=0.0),
-    # MiniMax-M1 §3.1: CISPO with a token-level mean (their eq. 4 divides by the total token count),
+    # MiniMax-M1: CISPO with a token-level mean (its objective divides by the total token count),
     # no KL.
     "cispo": LossConfig(policy_loss="cispo", kl_coef=0.0, agg="token_mean"),
 }
@@ -265,10 +265,10 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
     the 2025-26 variants. Per token t of sequence i, r_t = pi_theta / pi_old, A = A_i, sg = stop-grad:
 
     clip  (DeepSeekMath eq. 3, DAPO eq. 8):  -min(r_t A, clip(r_t, 1 - clip_low, 1 + clip_high) A)
-    gspo  (GSPO eq. 7; TRL importance_sampling_level="sequence"): the same with r_t replaced by
+    gspo  (GSPO eq. 5; TRL importance_sampling_level="sequence"): the same with r_t replaced by
           s_i = exp(mean over i's tokens of log r_t), the same value (and gradient path) on each token
-    cispo (MiniMax-M1 eq. 4):  -sg(min(r_t, cispo_cap)) A log pi_theta(o_t)
-    delta > 0 (INTELLECT-2 §3.3, two-sided clip): the unclipped r (or s_i) is min(r, delta)
+    cispo (MiniMax-M1, CISPO):  -sg(min(r_t, cispo_cap)) A log pi_theta(o_t)
+    delta > 0 (INTELLECT-2, two-sided clip): the unclipped r (or s_i) is min(r, delta)
     is_correction (see `importance_weights`): the policy term times w, from behavior_logprobs (mu)
     truncated (N,) bool (DAPO §3.4 overlong filtering): those rows get no loss (their tokens leave
     the mask; the sequence still counts in the sequence denominators)

@@ -539,6 +539,20 @@ def test_loss_preset_overrides_and_errors():
         loss_preset("grpo", kl_estimator="k4")
     with pytest.raises(ValueError, match="clip_low"):
         LossConfig(clip_low=1.5)
+    for bad, match in ((dict(policy_loss="ppo"), "policy_loss='ppo'"), (dict(is_correction="tis"), "is_correction"),
+                       (dict(adv_baseline="median"), "adv_baseline"), (dict(reward_norm="gdpo"), "reward_norm"),
+                       (dict(delta=1.1), "delta=1.1 must be 0"), (dict(policy_loss="cispo", delta=4.0), "cispo"),
+                       (dict(is_cap=0.0), "is_cap > 0"), (dict(cispo_cap=-1.0), "cispo_cap > 0")):
+        with pytest.raises(ValueError, match=match):
+            LossConfig(**bad)
+
+
+def test_gspo_and_cispo_presets():
+    g, c = LOSS_PRESETS["gspo"], LOSS_PRESETS["cispo"]
+    assert (g.policy_loss, g.clip_low, g.clip_high, g.kl_coef, g.agg) == ("gspo", 3e-4, 4e-4, 0.0, "seq_mean_token_mean")
+    assert (c.policy_loss, c.cispo_cap, c.kl_coef, c.agg) == ("cispo", 5.0, 0.0, "token_mean")
+    for p in LOSS_PRESETS.values():  # the sampler correction and filtering are opt-in everywhere
+        assert p.is_correction == "none" and not p.mask_truncated and p.delta == 0
 
 
 def test_rl_loop_advantages_follow_the_loss_config():
