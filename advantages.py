@@ -20,8 +20,8 @@ Departures and choices:
   does not say which). eps=1e-4 is added to the std (TRL's value), and a group whose rewards are all
   equal gets exactly 0, so nothing is NaN, also for G=1.
 - GDPO: the batch mean of the summed advantages is 0 already and is not subtracted (see
-  `decoupled_advantages`). A reward that does not apply to a sample (None) counts as 0 in its group
-  here; TRL leaves it out of that group's mean and std.
+  `decoupled_advantages`). A reward that does not apply to a sample (None) is left out of its
+  group's mean and std and adds 0 to that sample's sum, as in TRL.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def decoupled_advantages(components: torch.Tensor, weights: torch.Tensor, scale:
     """GDPO (Liu et al. 2026, "Group reward-Decoupled Normalization Policy Optimization"): each reward
     normalised within its group, then summed with its weight, then divided by the batch's std.
 
-    components (P, G, K) raw reward values, weights (K,) -> (P, G).
+    components (P, G, K) raw reward values, NaN where a reward does not apply; weights (K,) -> (P, G).
     A = S / (std over the batch of S + eps), S = sum_k w_k * group_advantages(r_k, scale, baseline).
     GDPO also subtracts the batch mean of S; every group's S sums to 0, so that mean is 0 already
     and is not subtracted (it would move groups whose rewards all tie off exactly 0).
@@ -78,10 +78,29 @@ def decoupled_advantages(components: torch.Tensor, weights: torch.Tensor, scale:
     if components.dim() != 3 or weights.shape != components.shape[2:]:
         raise ValueError(f"decoupled_advantages: need components (P, G, K) and weights (K,), got "
                          f"{tuple(components.shape)} and {tuple(weights.shape)}")
-    parts = [group_advantages(components[:, :, k], scale, baseline, eps) for k in range(components.shape[2])]
+    parts = [_applicable_group_advantages(components[:, :, k], scale, baseline, eps)
+             for k in range(components.shape[2])]
     summed = (torch.stack(parts, dim=2) * weights.to(parts[0].dtype)).sum(dim=2)  # (P, G)
     std = batch_std(summed) if batch_std is not None else (float(summed.std()) if summed.numel() > 1 else 0.0)
     return summed / (std + eps)  # (P, G); tied groups are 0 in every part, so 0 here
+
+
+def _applicable_group_advantages(r: torch.Tensor, scale: str, baseline: str, eps: float) -> torch.Tensor:
+    """`group_advantages` of r (P, G) over each group's applicable samples; NaN marks a sample the
+    reward does not apply to: it is left out of its group's mean and std and gets advantage 0 (TRL's
+    normalize_then_sum does the same). scale "std" or "none"."""
+    ok = ~torch.isnan(r)                                                    # (P, G)
+    if bool(ok.all()):
+        return group_advantages(r, scale, baseline, eps)
+    x = r.nan_to_num(0.0)                                                   # (P, G)
+    n = ok.sum(dim=1, keepdim=True).to(x.dtype)                             # (P, 1) applicable samples
+    centred = (x - x.sum(dim=1, keepdim=True) / n.clamp(min=1)) * ok        # (P, G), 0 where not applicable
+    adv = centred * (n / (n - 1).clamp(min=1)) if baseline == "rloo" else centred  # leave-one-out mean
+    if scale == "std":
+        adv = adv / ((centred ** 2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt().add(eps)
+    hi = torch.where(ok, x, -torch.inf).amax(dim=1, keepdim=True)           # (P, 1)
+    lo = torch.where(ok, x, torch.inf).amin(dim=1, keepdim=True)
+    return adv.masked_fill((hi <= lo) | (n <= 1), 0.0)                      # (P, G), ties and singletons: 0
 
 
 def informative_groups(rewards: torch.Tensor) -> torch.Tensor:

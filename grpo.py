@@ -618,7 +618,7 @@ def _sum(x: float, all_reduce) -> float:
 
 def _sample_and_score(policy, tok, samples, reward_fn: RewardFn, cfg: GRPOConfig, lcfg: LossConfig, seed: int):
     """G completions of each sample's prompt; their rewards (P, G); the mean of each component over
-    the samples it applies to (NaN if none); each component's values (P, G), None counted as 0."""
+    the samples it applies to (NaN if none); each component's values (P, G), NaN where it does not apply."""
     G = cfg.group_size
     prompts = [tok.encode(s["prompt"]) for s in samples]
     with gathered_weights(policy):
@@ -633,7 +633,7 @@ def _sample_and_score(policy, tok, samples, reward_fn: RewardFn, cfg: GRPOConfig
         applied = [x for x in v if x is not None]
         comps[k] = sum(applied) / len(applied) if applied else math.nan
         if len(v) == len(texts):  # a component of every sample (routed_reward's are of some)
-            parts[k] = torch.tensor([0.0 if x is None else float(x) for x in v]).view(-1, G)  # (P, G)
+            parts[k] = torch.tensor([math.nan if x is None else float(x) for x in v]).view(-1, G)  # (P, G)
     if lcfg.overlong_buffer_frac > 0:  # DAPO §3.4: soft penalty near the generation budget
         buf = max(1, int(lcfg.overlong_buffer_frac * cfg.max_new_tokens))
         pen = overlong_penalty(roll.lengths.float(), cfg.max_new_tokens, buf, lcfg.overlong_penalty)

@@ -582,3 +582,20 @@ def test_rl_loop_advantages_follow_the_loss_config():
         advantages(rewards, parts, None, LossConfig(reward_norm="per_component"))
     with pytest.raises(ValueError, match="no value per sample"):
         advantages(rewards, {"format": fmt}, weights, LossConfig(reward_norm="per_component"))
+
+
+@pytest.mark.parametrize("scale", ["std", "none"])
+@pytest.mark.parametrize("baseline", ["mean", "rloo"])
+def test_gdpo_leaves_out_samples_a_reward_does_not_apply_to(scale, baseline):
+    """NaN (a reward's None) is left out of its group's mean and std and gets 0; written per group
+    over the applicable samples only, with reference_advantages."""
+    nan = math.nan
+    r = torch.tensor([[1.0, nan, 0.0, 0.5], [nan, nan, 1.0, 0.0], [0.3, 0.3, nan, 0.3], [nan, 2.0, nan, nan],
+                      [1.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    got = decoupled_advantages(r[:, :, None], torch.tensor([1.0]), scale, baseline, batch_std=lambda s: 1.0 - 1e-4)
+    want = torch.zeros_like(r)
+    for p in range(r.shape[0]):
+        cols = [g for g in range(r.shape[1]) if not math.isnan(float(r[p, g]))]
+        if len(cols) > 1:
+            want[p, cols] = reference_advantages(r[p:p + 1, cols], scale, baseline)[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
