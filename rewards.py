@@ -13,8 +13,9 @@ Public pieces: `math_reward`, `countdown_reward`, `format_reward`, `language_rew
 function of strings returning a float in [0, 1], never raising), `accuracy_reward` (dispatch on
 sample["task"]), `combine_rewards` with `DEFAULT_WEIGHTS` / `STAGE2_WEIGHTS`, `rule_reward` (the
 RL loop's reward function, a `RewardSum` of `score_accuracy`, `score_format`, `score_language` and
-any --reward plug-ins, loaded by `load_reward`) and `extract_answer`. Math answers are read as values by answers.py, whose
-`parse_answer` and `parse_gold` are importable from here too (dataset loaders check every gold).
+any --reward plug-ins, loaded by `load_reward`) and `extract_answer`. Math answers are read as
+values by answers.py, whose `parse_answer` and `parse_gold` are importable from here too (dataset
+loaders check every gold).
 
 The functions take the assistant's whole response, starting with '<think>': a caller whose prompt
 template already emitted '<think>' prepends it. Text handling is linear: tags are found with

@@ -549,7 +549,8 @@ def test_loss_preset_overrides_and_errors():
 
 def test_gspo_and_cispo_presets():
     g, c = LOSS_PRESETS["gspo"], LOSS_PRESETS["cispo"]
-    assert (g.policy_loss, g.clip_low, g.clip_high, g.kl_coef, g.agg) == ("gspo", 3e-4, 4e-4, 0.0, "seq_mean_token_mean")
+    assert (g.policy_loss, g.clip_low, g.clip_high, g.kl_coef, g.agg) == \
+        ("gspo", 3e-4, 4e-4, 0.0, "seq_mean_token_mean")
     assert (c.policy_loss, c.cispo_cap, c.kl_coef, c.agg) == ("cispo", 5.0, 0.0, "token_mean")
     for p in LOSS_PRESETS.values():  # the sampler correction and filtering are opt-in everywhere
         assert p.is_correction == "none" and not p.mask_truncated and p.delta == 0
