@@ -264,7 +264,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
     """The negative of DeepSeekMath's GRPO objective (eq. 3), with DAPO's separate clip ranges and
     the 2025-26 variants. Per token t of sequence i, r_t = pi_theta / pi_old, A = A_i, sg = stop-grad:
 
-    clip  (DeepSeekMath eq. 3, DAPO eq. 8):  -min(r_t A, clip(r_t, 1 - clip_low, 1 + clip_high) A)
+    clip  (DeepSeekMath eq. 3, DAPO §3.1):  -min(r_t A, clip(r_t, 1 - clip_low, 1 + clip_high) A)
     gspo  (GSPO eq. 5; TRL importance_sampling_level="sequence"): the same with r_t replaced by
           s_i = exp(mean over i's tokens of log r_t), the same value (and gradient path) on each token
     cispo (MiniMax-M1, CISPO):  -sg(min(r_t, cispo_cap)) A log pi_theta(o_t)
