@@ -47,7 +47,8 @@ from grpo import GRPOConfig, LossConfig, RewardFn, loss_preset
 from model import Transformer, preset
 from optim import make_optimizer
 from reward_model import RMConfig
-from rewards import DEFAULT_WEIGHTS, STAGE2_WEIGHTS, accuracy_reward, format_reward, language_reward, rule_reward
+from rewards import (DEFAULT_WEIGHTS, STAGE2_WEIGHTS, accuracy_reward, format_reward, language_reward, load_rewards,
+                     rule_reward)
 from rollout import completion_text, derive_seed, gathered_weights, generate
 from runtime import (Dist, ExampleStream, StageRun, UserError, cosine_lr, find_model, fit, get_task,
                      load_frozen_rm, load_model, shard, supervised_steps)
@@ -85,6 +86,11 @@ class RunConfig:
     w_format: float = _setting(DEFAULT_WEIGHTS["format"], "weight of the format reward")
     w_language: float = _setting(STAGE2_WEIGHTS["language"], "weight of the language reward (grpo, rl; "
                                                              "R1-Zero has none)")
+    # Repeatable: train.py joins repeated --reward flags with commas.
+    reward: str = field(default="", metadata={
+        "help": "reward plug-in path/to/file.py:function or module:function, optionally =weight (default 1); "
+                "repeat the flag for more; added to the rule rewards in zero, grpo and rl (rewards.load_reward)",
+        "repeat": True})
     sft_prompts: int = _setting(1024, "sft: R1-Zero prompts sampled for cold-start data")
     sft_samples: int = _setting(4, "sft: samples per prompt before filtering")
     teacher: str = _setting("", "rs / distill: the model sampled (empty: <out>/grpo/model, <out>/rl/model)")
@@ -107,6 +113,8 @@ class RunConfig:
         if bad:
             raise ValueError(f"{', '.join(bad)}: counts must be at least 1 (--eval_every and --threads: "
                              "at least 0)")
+        if self.reward:
+            load_rewards(self.reward)  # a bad path or function fails here, before any stage runs
         if not 0 <= self.general_frac <= 1 or not 0 < self.rs_reasoning_frac <= 1:
             raise ValueError(f"--general_frac {self.general_frac}, --rs_reasoning_frac {self.rs_reasoning_frac}: "
                              "need 0 <= general_frac <= 1 and 0 < rs_reasoning_frac <= 1")
@@ -212,7 +220,7 @@ class PromptStream:
 
 
 RL_KEYS = ("reward", "reward/accuracy", "reward/format", "reward/language", "reward/rm", "response_length",
-           "kl", "clip_frac", "eval/accuracy", "gen_tok_per_s", "train_tok_per_s")
+           "kl", "clip_frac", "entropy", "is_logw_abs_mean", "eval/accuracy", "gen_tok_per_s", "train_tok_per_s")
 
 
 def run_rl(c: dict, d: Dist, name: str, src: Path, reward_fn: RewardFn, prompts: PromptStream,
@@ -222,6 +230,9 @@ def run_rl(c: dict, d: Dist, name: str, src: Path, reward_fn: RewardFn, prompts:
     run, g, lcfg = c["run"], c["grpo"], c["loss"]
     if g.prompts_per_step % d.world:
         raise UserError(f"--prompts_per_step {g.prompts_per_step} must be a multiple of the {d.world} ranks")
+    if lcfg.reward_norm == "per_component" and not hasattr(reward_fn, "weights"):
+        raise UserError(f"--reward_norm per_component needs named, weighted rewards; stage {name} routes some "
+                        "prompts to the reward model, so use --reward_norm sum there")
     if lcfg.dynamic_sampling and d.world > 1:  # ranks would refill different numbers of groups
         raise UserError("--dynamic_sampling runs on one process only for now; drop it or run without torchrun")
     policy, tok = load_model(src, run, d)
@@ -248,7 +259,12 @@ def rule_rl(c: dict, d: Dist, name: str, src: Path, weights: dict, time_budget: 
     run, g = c["run"], c["grpo"]
     task = get_task(run, c["toy"])
     prompts = PromptStream(lambda start: task.train_samples(run.seed, start=start), d, g.prompts_per_step)
-    return run_rl(c, d, name, src, rule_reward(weights), prompts, task.eval_samples(run.eval_n), time_budget)
+    return run_rl(c, d, name, src, stage_reward(run, weights), prompts, task.eval_samples(run.eval_n), time_budget)
+
+
+def stage_reward(run: RunConfig, weights: dict):
+    """The rule rewards at `weights` plus the --reward plug-ins (rewards.RewardSum)."""
+    return rule_reward(weights, load_rewards(run.reward))
 
 
 def zero_weights(run: RunConfig) -> dict:
@@ -495,7 +511,7 @@ def stage_rl(c: dict, d: Dist) -> dict:
         raise UserError(f"stage rl: {n_general} general prompts a step (--general_frac) must be a multiple "
                         f"of the {d.world} ranks, so every rank logs both reward sources")
     rm, rm_tok = load_frozen_rm(run, d, "rl")
-    reward = routed_reward(rule_reward(stage2_weights(run)),
+    reward = routed_reward(stage_reward(run, stage2_weights(run)),
                            lambda ps, ts: rmod.score_texts(rm, rm_tok, ps, ts, c["rm"].max_len).tolist())
     prompts = PromptStream(lambda start: task.train_samples(run.seed, start=start), d, g.prompts_per_step,
                            general=lambda start: task.general_samples(run.seed, start=start), n_general=n_general)

@@ -12,8 +12,10 @@ DeepSeek-R1 (DeepSeek-AI 2025, arXiv:2501.12948):
 Public pieces: `math_reward`, `countdown_reward`, `format_reward`, `language_reward` (each a pure
 function of strings returning a float in [0, 1], never raising), `accuracy_reward` (dispatch on
 sample["task"]), `combine_rewards` with `DEFAULT_WEIGHTS` / `STAGE2_WEIGHTS`, `rule_reward` (the
-RL loop's reward function) and `extract_answer`. Math answers are read as values by answers.py, whose
-`parse_answer` and `parse_gold` are importable from here too (dataset loaders check every gold).
+RL loop's reward function, a `RewardSum` of `score_accuracy`, `score_format`, `score_language` and
+any --reward plug-ins, loaded by `load_reward`) and `extract_answer`. Math answers are read as
+values by answers.py, whose `parse_answer` and `parse_gold` are importable from here too (dataset
+loaders check every gold).
 
 The functions take the assistant's whole response, starting with '<think>': a caller whose prompt
 template already emitted '<think>' prepends it. Text handling is linear: tags are found with
@@ -37,13 +39,18 @@ Departures and choices the report does not make (it gives no rules beyond the se
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import itertools
+import math
+import os
 import re
 import time
 import unicodedata
 from collections.abc import Callable
 from fractions import Fraction
 from functools import lru_cache
+from pathlib import Path
 
 from answers import MAX_DEPTH, parse_answer, parse_choice, parse_gold
 
@@ -362,26 +369,140 @@ def combine_rewards(completion: str, prompt: str, sample: dict,
     return sum(weights.get(k, 0.0) * v for k, v in components.items()), components
 
 
-def rule_reward(weights: dict[str, float]) -> Callable[[list[str], list[dict]],
-                                                       tuple[list[float], dict[str, list[float]]]]:
-    """The rule rewards of R1-Zero (§2.2.2) and reasoning RL (§2.3.2) as a reward function.
+# --- reward functions of the RL loop ---------------------------------------------------------------
+# A reward function: fn(completions: list[str], samples: list[dict]) -> list[float | None], one
+# value per completion; samples[i] is the task sample completions[i] answers (its prompt, gold
+# answer, task, and every column of its JSONL line); None means the reward does not apply to that
+# sample. The built-in rewards below and every --reward plug-in have this signature.
 
-    Returns score(completions, samples) -> (totals, components): samples[i] is the task sample of
-    completions[i], totals[i] its weighted sum from `combine_rewards`, and components[name][i] its
-    value of each of REWARD_NAMES. Every reward function of the RL loop has this shape. `weights`
-    is checked here, before any scoring, with the error `combine_rewards` gives.
+
+def score_accuracy(completions: list[str], samples: list[dict]) -> list[float]:
+    """`accuracy_reward` of each completion (dispatch on sample["task"])."""
+    return [accuracy_reward(c, s) for c, s in zip(completions, samples)]
+
+
+def score_format(completions: list[str], samples: list[dict]) -> list[float]:
+    """`format_reward` of each completion."""
+    return [format_reward(c) for c in completions]
+
+
+def score_language(completions: list[str], samples: list[dict]) -> list[float]:
+    """`language_reward` of each completion, in the language of its sample's question (or prompt)."""
+    return [language_reward(c, _language_source(_field(s, "prompt"), s)) for c, s in zip(completions, samples)]
+
+
+BUILTIN_REWARDS = {"accuracy": score_accuracy, "format": score_format, "language": score_language}
+
+
+class RewardError(ValueError):
+    """A reward plug-in that cannot be loaded or returns the wrong thing: one line for the person."""
+
+
+class RewardSum:
+    """The RL loop's reward function: sum_k w_k * r_k over named reward functions `terms`
+    [(name, fn, weight)], each fn(completions, samples) -> list[float | None].
+
+    None (the reward does not apply to that sample) adds nothing to the sum: it counts as 0, with
+    the other rewards' weights unchanged (TRL's choice; renormalising the weights would put samples
+    of one group on different scales). Returns (totals, components): components[name][i] is r_k
+    of completion i as returned (None kept), so the loop logs each reward's mean over the samples
+    it applies to. Every term is computed, whatever its weight, so the logs always hold it.
+    `weights` ({name: weight}) lets the loop normalise components one by one (GDPO).
     """
-    _check_weights(weights)
-    weights = dict(weights)  # a copy: a later change to the caller's dict does not reach this reward
 
-    def score(completions: list[str], samples: list[dict]) -> tuple[list[float], dict[str, list[float]]]:
+    def __init__(self, terms: list[tuple[str, Callable, float]]):
+        names = [name for name, _, _ in terms]
+        if len(set(names)) != len(names):
+            raise RewardError(f"two rewards share a name in {names}; rename one function")
+        self.terms = list(terms)
+        self.weights = {name: float(w) for name, _, w in terms}
+
+    def __call__(self, completions: list[str], samples: list[dict]) -> tuple[list[float], dict[str, list]]:
         if len(completions) != len(samples):
             raise ValueError(f"{len(completions)} completions but {len(samples)} samples; "
                              "pass the task sample of each completion, one per completion")
-        scored = [combine_rewards(c, _field(s, "prompt"), s, weights) for c, s in zip(completions, samples)]
-        return [total for total, _ in scored], {k: [parts[k] for _, parts in scored] for k in REWARD_NAMES}
+        components = {name: _checked(name, fn(completions, samples), len(completions)) for name, fn, _ in self.terms}
+        totals = [sum(self.weights[k] * v[i] for k, v in components.items() if v[i] is not None)
+                  for i in range(len(completions))]
+        return totals, components
 
-    return score
+
+def _checked(name: str, values, n: int) -> list:
+    """`values` if it is one finite float (or None) per completion, else a RewardError naming `name`."""
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        got = f"{len(values)} values" if isinstance(values, (list, tuple)) else f"a {type(values).__name__}"
+        raise RewardError(f"reward {name!r} returned {got} for {n} completions; return a list with one float "
+                          "(or None: does not apply) per completion")
+    for v in values:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise RewardError(f"reward {name!r} returned {v!r}; each value must be a finite number or None")
+    return [None if v is None else float(v) for v in values]
+
+
+def rule_reward(weights: dict[str, float], extra: list[tuple[str, Callable, float]] = ()) -> RewardSum:
+    """The rule rewards of R1-Zero (§2.2.2) and reasoning RL (§2.3.2) as a reward function, plus
+    `extra` terms (name, fn, weight) such as `load_rewards`' plug-ins.
+
+    score(completions, samples) -> (totals, components): samples[i] is the task sample of
+    completions[i], totals[i] its weighted sum (what `combine_rewards` gives, plus the extra terms),
+    and components[name][i] its value of each of REWARD_NAMES and of each extra term. `weights` is
+    checked here, before any scoring, with the error `combine_rewards` gives.
+    """
+    _check_weights(weights)
+    terms = [(k, BUILTIN_REWARDS[k], weights.get(k, 0.0)) for k in REWARD_NAMES]  # a copy of the weights
+    clash = sorted({name for name, _, _ in extra} & set(REWARD_NAMES))
+    if clash:
+        raise RewardError(f"reward plug-in named {clash[0]!r} clashes with a built-in reward; rename the function")
+    return RewardSum(terms + list(extra))
+
+
+def load_reward(spec: str) -> tuple[str, Callable, float]:
+    """One --reward value -> (name, function, weight).
+
+    spec: "path/to/file.py:function" or "package.module:function", optionally "=weight" at the end
+    (default 1.0), e.g. "rewards/length.py:short=0.5". The name logged (reward/<name>) is the
+    function's name. Raises RewardError with one line for a bad spec, file, module or function.
+    """
+    target, weight = spec.strip(), 1.0
+    head, eq, tail = target.rpartition("=")
+    if eq:
+        try:
+            target, weight = head, float(tail)
+        except ValueError:
+            raise RewardError(f"--reward {spec!r}: weight {tail!r} is not a number; write path.py:function=0.5")
+    where, colon, name = target.rpartition(":")
+    if not colon or not where or not name.isidentifier():
+        raise RewardError(f"--reward {spec!r}: write path/to/file.py:function or module:function (optionally =weight)")
+    if where.endswith(".py") or "/" in where or os.sep in where:
+        module = _load_file(where, spec)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise RewardError(f"--reward {spec!r}: cannot import module {where!r} ({e}); for a file write "
+                              "path/to/file.py:function") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        have = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise RewardError(f"--reward {spec!r}: {where} has no function {name!r} (it has: {', '.join(have) or 'none'})")
+    return name, fn, weight
+
+
+def _load_file(path: str, spec: str):
+    if not os.path.isfile(path):
+        raise RewardError(f"--reward {spec!r}: file {path!r} not found; check the path")
+    module_spec = importlib.util.spec_from_file_location(f"reward_plugin_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # the person's file: its error in one line, not our traceback
+        raise RewardError(f"--reward {spec!r}: loading {path} failed: {type(e).__name__}: {e}") from None
+    return module
+
+
+def load_rewards(specs: str) -> list[tuple[str, Callable, float]]:
+    """The comma-separated --reward values (the flag may be repeated) -> [(name, function, weight)]."""
+    return [load_reward(s) for s in specs.split(",") if s.strip()]
 
 
 # --- benchmark -------------------------------------------------------------------------------------

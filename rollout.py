@@ -188,6 +188,22 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     return torch.cat(out, 1)                                   # (N, L)
 
 
+def token_entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits[:, t-1] / temperature), the distribution token t was drawn from, at
+    the positions where mask (N, L) is nonzero; (N, L, V), (N, L) -> (N, L), 0 elsewhere. No grad.
+    Only masked positions are computed, in chunks of at most _LOGPROB_CHUNK_ELEMS floats."""
+    N, L, V = logits.shape
+    out = torch.zeros(N, L, dtype=torch.float32, device=logits.device)
+    rows, cols = mask[:, 1:].nonzero(as_tuple=True)              # (M,) each; position t = cols + 1
+    step = max(1, _LOGPROB_CHUNK_ELEMS // max(1, V))
+    with torch.no_grad():
+        for i in range(0, rows.numel(), step):
+            r, c = rows[i:i + step], cols[i:i + step]
+            logp = _tempered(logits[r, c], temperature).log_softmax(-1)  # (m, V)
+            out[r, c + 1] = torch.special.entr(logp.exp()).sum(-1)     # (m,) -sum p log p, 0 log 0 = 0
+    return out                                                    # (N, L)
+
+
 def completion_text(tok, ids: list[int]) -> str:
     """A completion's text, without its end-of-sequence token(s): what the rewards read."""
     return tok.decode([t for t in ids if t not in tok.eos_ids])

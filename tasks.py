@@ -156,7 +156,9 @@ def gsm8k_gold(answer: str) -> str | None:
 
 
 def load_gsm8k(path: str | os.PathLike) -> list[dict]:
-    """GSM8K lines {"question", "answer": "...#### 42"} -> math samples with the R1-Zero prompt."""
+    """GSM8K lines {"question", "answer": "...#### 42"} -> math samples with the R1-Zero prompt. Every
+    column of the line is kept (reward plug-ins read them); "answer" becomes the gold after '####'
+    and the line's worked answer is kept as "solution"."""
     out = []
     for lineno, row in data.read_jsonl(path):
         where = f"{path}:{lineno}"
@@ -165,15 +167,16 @@ def load_gsm8k(path: str | os.PathLike) -> list[dict]:
         if not gold:
             raise data.DataError(f"{where}: answer has no '#### <number>' line; "
                                  "end it with '#### 42' as GSM8K does")
-        out.append({"task": "math", "prompt": r1_zero_prompt(question), "question": question,
-                    "answer": _check_gold(gold, where), "lang": "en", "source": "gsm8k"})
+        out.append({**row, "task": "math", "prompt": r1_zero_prompt(question), "question": question,
+                    "answer": _check_gold(gold, where), "solution": row["answer"], "lang": "en", "source": "gsm8k"})
     return out
 
 
 def load_jsonl_samples(path: str | os.PathLike) -> list[dict]:
     """Lines {"prompt", "answer"} -> math samples. The prompt is wrapped in the R1-Zero template
     unless the line says "raw_prompt": true (then it is used verbatim; the response follows it).
-    Optional "lang": "en" | "zh" (default "en")."""
+    Optional "lang": "en" | "zh" (default "en"). Every other column of the line is kept as it is
+    (reward plug-ins read them, `rewards.RewardSum`); the line's own prompt is also "question"."""
     out = []
     for lineno, row in data.read_jsonl(path):
         where = f"{path}:{lineno}"
@@ -182,7 +185,7 @@ def load_jsonl_samples(path: str | os.PathLike) -> list[dict]:
         raw = row.get("raw_prompt", False)
         if not isinstance(raw, bool):
             raise data.DataError(f"{where}: field 'raw_prompt' is {raw!r}; use true or false (or drop it)")
-        out.append({"task": "math", "prompt": question if raw else r1_zero_prompt(question),
+        out.append({**row, "task": "math", "prompt": question if raw else r1_zero_prompt(question),
                     "question": question, "answer": gold, "lang": data.check_lang(row, where),
                     "source": "jsonl"})
     return out

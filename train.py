@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import recipe  # noqa: E402
 from data import DataError  # noqa: E402
 from grpo import LOSS_PRESETS  # noqa: E402
+from rewards import RewardError  # noqa: E402
 from rollout import ContextError  # noqa: E402
 from runtime import UserError, init_distributed  # noqa: E402
 
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         text = text.replace("%", "%%")
         # a boolean alone means true: --dynamic_sampling is --dynamic_sampling true
         extra = dict(nargs="?", const="true", metavar="BOOL") if kind is bool else {"metavar": kind.__name__.upper()}
+        if f.metadata.get("repeat"):  # --reward a --reward b: one comma-separated value
+            extra["action"] = "append"
         groups[key].add_argument(f"--{name}", dest=name, default=None, help=text, **extra)
     return parser
 
@@ -140,6 +143,7 @@ def parse_args(argv: list[str]) -> dict[str, dict]:
     for name, owners in flags().items():
         val = getattr(ns, name)
         if val is not None:
+            val = ",".join(val) if isinstance(val, list) else val  # a repeatable flag (metadata "repeat")
             for key, f in owners:
                 out[key][f.name] = convert(val, f, name)
     return out
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         d = init_distributed(run.device)
         for s in stages:
             recipe.RUNNERS[s](recipe.stage_configs(args, s), d)
-    except (UserError, DataError, ContextError) as e:  # the person's mistakes; anything else is a bug
+    except (UserError, DataError, ContextError, RewardError) as e:  # the person's mistakes; anything else is a bug
         print(f"error: {e}", file=sys.stderr)
         return 2
     if d.world > 1:

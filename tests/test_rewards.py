@@ -481,3 +481,64 @@ def test_benchmark_line():
     rate, worst, name = R.benchmark(rounds=100)
     print(f"\nrewards: {rate:,.0f} calls/s on realistic responses; worst hostile call {worst * 1e3:.2f} ms ({name})")
     assert rate > 1000 and worst < FAST
+
+
+# --- reward plug-ins -------------------------------------------------------------------------------
+
+def test_reward_sum_none_adds_nothing_and_is_kept_in_the_components():
+    def half(completions, samples):
+        return [0.5 if s.get("bonus") else None for s in samples]
+    score = R.RewardSum([("format", R.score_format, 0.1), ("half", half, 2.0)])
+    good = "<think> x </think> <answer> 1 </answer>"
+    totals, comps = score([good, good, "nothing"], [{"bonus": True}, {}, {"bonus": True}])
+    assert totals == [pytest.approx(0.1 + 1.0), pytest.approx(0.1), pytest.approx(1.0)]
+    assert comps == {"format": [1.0, 1.0, 0.0], "half": [0.5, None, 0.5]}
+    assert score.weights == {"format": 0.1, "half": 2.0}
+
+
+@pytest.mark.parametrize("bad,match", [(lambda c, s: [1.0], "returned 1 values for 2"),
+                                       (lambda c, s: 1.0, "returned a float"),
+                                       (lambda c, s: ["1", 0.0], "returned '1'"),
+                                       (lambda c, s: [float("nan"), 0.0], "finite"),
+                                       (lambda c, s: [True, 0.0], "returned True")])
+def test_reward_sum_refuses_a_wrong_return_value(bad, match):
+    with pytest.raises(R.RewardError, match=match):
+        R.RewardSum([("bad", bad, 1.0)])(["a", "b"], [{}, {}])
+
+
+def test_rule_reward_with_plugins_adds_them():
+    def one(completions, samples):
+        return [1.0] * len(completions)
+    s = {"task": "math", "prompt": "1+1=?", "answer": "2"}
+    c = "<think> two </think> <answer> 2 </answer>"
+    base, _ = R.rule_reward(R.DEFAULT_WEIGHTS)([c], [s])
+    totals, comps = R.rule_reward(R.DEFAULT_WEIGHTS, [("one", one, 0.25)])([c], [s])
+    assert totals[0] == pytest.approx(base[0] + 0.25) and comps["one"] == [1.0]
+    with pytest.raises(R.RewardError, match="clashes with a built-in"):
+        R.rule_reward(R.DEFAULT_WEIGHTS, [("format", one, 1.0)])
+
+
+def test_load_reward_from_a_file_or_a_module(tmp_path):
+    f = tmp_path / "mine.py"
+    f.write_text("def short(completions, samples):\n    return [-len(c) for c in completions]\n")
+    name, fn, w = R.load_reward(f"{f}:short=0.5")
+    assert (name, w) == ("short", 0.5) and fn(["ab"], [{}]) == [-2]
+    assert R.load_reward(f"{f}:short")[2] == 1.0
+    name, fn, w = R.load_reward("rewards:score_format=2")  # a module on the path
+    assert fn is R.score_format and w == 2.0
+    assert [n for n, _, _ in R.load_rewards(f"{f}:short, rewards:score_format")] == ["short", "score_format"]
+
+
+def test_load_reward_errors_are_one_line(tmp_path):
+    f = tmp_path / "mine.py"
+    f.write_text("def short(completions, samples):\n    return []\nVALUE = 3\n")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def f(:\n")
+    cases = [(f"{tmp_path}/nope.py:f", "not found"), (f"{f}:long", "has no function 'long'.*short"),
+             (f"{f}:VALUE", "has no function 'VALUE'"), (f"{f}", "write path/to/file.py:function"),
+             ("no_such_module_x:f", "cannot import module"), (f"{f}:short=heavy", "weight 'heavy'"),
+             (f"{broken}:f", "loading .*broken.py failed: SyntaxError")]
+    for spec, match in cases:
+        with pytest.raises(R.RewardError, match=match) as e:
+            R.load_reward(spec)
+        assert "\n" not in str(e.value)

@@ -219,6 +219,13 @@ def test_gsm8k_test_loads():
     assert len(task.eval_samples()) == 1319 and task.eval_samples(5) == test[:5]
 
 
+def test_gsm8k_lines_keep_their_columns(tmp_path):
+    p = tmp_path / "g.jsonl"
+    p.write_text('{"question": "Two and two?", "answer": "2+2=4\\n#### 4", "level": 1}\n')
+    s = load_gsm8k(p)[0]
+    assert s["answer"] == "4" and s["solution"] == "2+2=4\n#### 4" and s["level"] == 1
+
+
 def test_gsm8k_gold():
     assert tasks.gsm8k_gold("So 2+2=4\n#### 1,450,000") == "1450000"
     assert tasks.gsm8k_gold("no marker") is None
@@ -285,6 +292,10 @@ def test_jsonl_samples_and_write_roundtrip(tmp_path):
     assert samples[0]["prompt"] == r1_zero_prompt("What is 0+1?") and samples[0]["answer"] == "1"
     assert samples[5]["prompt"] == "RAW: 2+2=" and samples[5]["lang"] == "zh"
     assert all(s["task"] == "math" and s["source"] == "jsonl" for s in samples)
+    rows[1]["difficulty"], rows[1]["tags"] = 3, ["easy"]  # any other column reaches the reward functions
+    write_jsonl(p, rows)
+    extra = load_jsonl_samples(p)[1]
+    assert extra["difficulty"] == 3 and extra["tags"] == ["easy"] and extra["question"] == "What is 1+1?"
     sft = [{"prompt": "用户: 说你好 助手:", "response": "<answer>你好</answer>", "source": "toy"}]
     write_jsonl(tmp_path / "sft.jsonl", sft)
     assert load_sft_jsonl(tmp_path / "sft.jsonl") == sft

@@ -56,7 +56,7 @@ def test_pretrain_writes_hf_checkpoint(pretrained):
         assert (hf(ids).logits - ours(ids)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo", "gspo", "cispo"])
 def test_zero_stage_each_loss_preset(pretrained, tmp_path, loss, capsys):
     out = tmp_path / "r"
     (out / "pretrain").mkdir(parents=True)
@@ -65,12 +65,76 @@ def test_zero_stage_each_loss_preset(pretrained, tmp_path, loss, capsys):
     rows = metrics(out / "zero" / "metrics.jsonl")
     assert rows[0]["step"] == 0 and "eval/accuracy" in rows[0]
     assert [r["step"] for r in rows[1:]] == [1, 2]
-    for key in ("reward", "reward/accuracy", "reward/format", "response_length", "clip_frac", "loss"):
+    for key in ("reward", "reward/accuracy", "reward/format", "response_length", "clip_frac", "loss", "entropy",
+                "is_logw_abs_mean", "is_w_max", "is_capped_frac"):
         assert key in rows[1], key
+    # sampler vs trainer on CPU in float32: rounding only; a micro model's entropy is near log(V)
+    assert rows[1]["is_logw_abs_mean"] < 1e-3 and rows[1]["entropy"] > 0.1
     assert (out / "zero" / "model" / "model.safetensors").is_file()
     resolved = json.loads((out / "zero" / "run_config.json").read_text())
     assert resolved["loss"] == dataclasses.asdict(grpo.LOSS_PRESETS[loss])
     assert "[zero] step 2/2" in capsys.readouterr().out
+
+
+def test_zero_stage_importance_correction_ignore_eos_mask_truncated(pretrained, tmp_path):
+    """--is_correction token_tis with --ignore_eos: every completion runs to max_new_tokens, so with
+    --mask_truncated none of them has a loss (num_tokens is 0 and so is the policy loss)."""
+    out = tmp_path / "r"
+    (out / "pretrain").mkdir(parents=True)
+    os.symlink(pretrained / "pretrain" / "model", out / "pretrain" / "model")
+    assert run("--stage", "zero", "--out", str(out), "--steps", "1", "--is_correction", "token_tis",
+               "--ignore_eos", "--mask_truncated", "--kl_coef", "0", "--reward_norm", "per_component",
+               "--adv_baseline", "rloo", "--adv_scale", "batch") == 0
+    row = metrics(out / "zero" / "metrics.jsonl")[1]
+    assert row["response_length"] == 24 and row["finish_eos"] == 0  # TINY's max_new_tokens
+    assert row["pg_loss"] == 0 and row["grad_norm"] == 0
+    resolved = json.loads((out / "zero" / "run_config.json").read_text())
+    assert resolved["loss"]["is_correction"] == "token_tis" and resolved["grpo"]["ignore_eos"] is True
+
+
+def readme_plugin() -> str:
+    """The reward plug-in file shown in README.md ("# brevity.py" block): the test runs that text."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```python\n# brevity.py\n") + len("```python\n")
+    return text[start:text.index("```", start)]
+
+
+def test_reward_plugin_end_to_end(pretrained, tmp_path):
+    """README's brevity.py on a JSONL task through train.main: the plug-in sees the line's own column
+    (max_chars), its mean is logged, and the step's reward is the weighted sum."""
+    from data import write_jsonl
+    from toy import ToyArithmetic
+    rows = [{"prompt": s["prompt"], "answer": s["answer"], "raw_prompt": True, "max_chars": 5}
+            for s in ToyArithmetic().eval_samples(8)]
+    write_jsonl(tmp_path / "problems.jsonl", rows)
+    (tmp_path / "brevity.py").write_text(readme_plugin())
+    out = tmp_path / "r"
+    (out / "pretrain").mkdir(parents=True)
+    os.symlink(pretrained / "pretrain" / "model", out / "pretrain" / "model")
+    assert run("--stage", "zero", "--out", str(out), "--steps", "2", "--task", f"jsonl:{tmp_path / 'problems.jsonl'}",
+               "--reward", f"{tmp_path / 'brevity.py'}:brevity=0.5", "--reward", "rewards:score_format=0") == 0
+    for row in metrics(out / "zero" / "metrics.jsonl")[1:]:
+        assert row["reward/brevity"] < 0  # the micro model's completions run past 5 characters
+        want = row["reward/accuracy"] + 0.1 * row["reward/format"] + 0.5 * row["reward/brevity"]
+        assert row["reward"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+        assert "reward/score_format" in row
+    resolved = json.loads((out / "zero" / "run_config.json").read_text())
+    assert resolved["run"]["reward"].endswith("brevity.py:brevity=0.5,rewards:score_format=0")
+
+
+def test_reward_plugin_errors(pretrained, tmp_path, capsys):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def short(completions, samples):\n    return [0.0]\n")
+    assert train.main(["--stage", "zero", "--reward", f"{tmp_path}/missing.py:f"]) == 2
+    assert "not found" in _err(capsys)
+    assert train.main(["--stage", "zero", "--reward", f"{bad}:long"]) == 2
+    assert "has no function 'long'" in _err(capsys)
+    out = tmp_path / "r"
+    (out / "pretrain").mkdir(parents=True)
+    os.symlink(pretrained / "pretrain" / "model", out / "pretrain" / "model")
+    assert run("--stage", "zero", "--out", str(out), "--steps", "1", "--reward", f"{bad}:short") == 2
+    assert "reward 'short' returned 1 values for 16 completions" in _err(capsys)
+    assert not (out / "zero" / "model").exists()
 
 
 def test_full_chain_sft_grpo_eval_plot(pretrained, tmp_path, capsys):
@@ -176,6 +240,35 @@ def test_update_independent_of_micro_batch(loss):
     for (k, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
         assert torch.allclose(p1, p2, atol=1e-6, rtol=1e-5), k
     assert abs(s1["loss"] - s2["loss"]) < 1e-5
+
+
+def test_on_policy_update_takes_pi_old_from_its_own_forward():
+    """old_logprobs=None (one pass, one minibatch) == the same batch with pi_old recomputed first;
+    the mismatch stats compare that pi_old with the sampler's (behavior) logprobs."""
+    b = _fixed_batch()
+    torch.manual_seed(0)
+    model = Transformer(preset("micro"))
+    with torch.no_grad():
+        old = grpo.sequence_logprobs(model, b.input_ids, b.kv_start, 1.0, 8) * b.mask
+    noise = 0.01 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1)) * b.mask
+    explicit = dataclasses.replace(b, old_logprobs=old, behavior_logprobs=old + noise)
+    implicit = dataclasses.replace(b, old_logprobs=None, behavior_logprobs=old + noise)
+    m1, s1 = _update(explicit, micro_batch=3)
+    m2, s2 = _update(implicit, micro_batch=3)
+    for (k, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.allclose(p1, p2, atol=1e-6, rtol=1e-5), k
+    assert s2["ratio_min"] == s2["ratio_max"] == 1.0  # exactly: pi_old is the forward's own
+    m = b.mask.bool()
+    assert s2["is_logw_abs_mean"] == pytest.approx(float(noise[m].abs().mean()), rel=1e-3)
+    assert s2["is_w_max"] == pytest.approx(float((-noise[m]).exp().max()), rel=1e-4)  # the max over micro-batches
+    torch.manual_seed(0)
+    fresh = Transformer(preset("micro"))
+    with torch.no_grad():
+        logp = fresh(b.input_ids, kv_start=b.kv_start).log_softmax(-1)  # (N, L, V)
+    ent = -(logp.exp() * logp).sum(-1)[:, :-1]  # (N, L-1): entropy of the distribution of token t+1
+    assert s2["entropy"] == pytest.approx(float(ent[m[:, 1:]].mean()), rel=1e-4)
+    with pytest.raises(ValueError, match="on-policy"):
+        _update(implicit, micro_batch=3, minibatches=2)
 
 
 def _free_port() -> int:
