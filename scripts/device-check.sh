@@ -4,11 +4,11 @@
 # Runs on one CUDA device (H100/H200), with no network and nothing to install (torch, triton,
 # transformers and pytest are all it needs), within 8 minutes: each step has its own `timeout`, and
 # a step that runs out of time or fails leaves the others' results in place.
-#   tests      pytest tests/test_cuda.py in three parallel groups (bf16 kernels, fp16 kernels, the
-#              rest), logs and JUnit XML per group                                          <= 200 s
-#   attention  python -m kernels.attention: ours vs SDPA-flash and SDPA-cuDNN, fwd/bwd TFLOP/s <= 110 s
+#   tests      pytest tests/test_cuda.py in four parallel groups (bf16 kernels, fp16 kernels, model
+#              and rollout, FSDP2 and memory), a log and JUnit XML per group                    <= 180 s
+#   attention  python -m kernels.attention: ours vs SDPA-flash and SDPA-cuDNN, fwd/bwd TFLOP/s <= 120 s
 #   bench      python bench_gpu.py all: batch-1 decode bandwidth, batch-64 sampler vs transformers,
-#              GRPO update tokens/s and MFU, at the Qwen2.5-0.5B shape                          <= 110 s
+#              GRPO update tokens/s and MFU, at the Qwen2.5-0.5B shape                          <= 100 s
 # Then scripts/device_report.py writes OUTDIR/device-check.json and OUTDIR/device-check.md (the table
 # with each measure against its goal). Name steps to run only those (a rerun after a fix).
 # Without a CUDA device it prints "no CUDA device" and exits 0.
@@ -18,6 +18,9 @@ shift
 STEPS=${*:-tests attention bench}
 PY=${PYTHON:-python}
 cd "$(dirname "$0")/.." || exit 2
+for s in $STEPS; do
+    case $s in tests | attention | bench) ;; *) echo "unknown step $s: use tests, attention or bench"; exit 2 ;; esac
+done
 
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "no CUDA device: nothing to check here (the CPU suite is: python -m pytest -q tests)"
@@ -53,26 +56,22 @@ step() {
 for s in $STEPS; do
     case $s in
     tests)
-        # three groups at once: Triton compiles each kernel config on the CPU, 16 cores share the work;
-        # the autotuner's timings are skewed by the sharing, which changes speed, never results
-        step tests-bf16 200 "$PY" -m pytest -p no:cacheprovider -v -rA tests/test_cuda.py -k "kernel and bf16" \
-            --junitxml="$OUT/junit-bf16.xml" &
-        step tests-fp16 200 "$PY" -m pytest -p no:cacheprovider -v -rA tests/test_cuda.py -k "kernel and fp16" \
-            --junitxml="$OUT/junit-fp16.xml" &
-        step tests-rest 200 "$PY" -m pytest -p no:cacheprovider -v -rA tests/test_cuda.py -k "not kernel" \
-            --junitxml="$OUT/junit-rest.xml" &
+        # four groups at once: Triton compiles each kernel config on the CPU, and 16 cores share that
+        # work; the autotuner's timings are skewed by the sharing, which changes speed, never results
+        "$PY" -m pytest -p no:cacheprovider --collect-only -q tests/test_cuda.py > "$OUT/collected.txt" 2>&1 &
+        for g in "kernels-bf16:kernel and bf16" "kernels-fp16:kernel and fp16" \
+                 "model:not kernel and not fsdp and not peak_memory" "fsdp-memory:fsdp or peak_memory"; do
+            step "tests-${g%%:*}" 180 "$PY" -m pytest -p no:cacheprovider -v -rA tests/test_cuda.py -k "${g#*:}" \
+                --junitxml="$OUT/junit-${g%%:*}.xml" &
+        done
         wait
         ;;
     attention)
         # alone on the GPU, with the chosen tile configs printed into the log
-        step attention 110 env TRITON_PRINT_AUTOTUNING=1 "$PY" -m kernels.attention --json "$OUT/attention.json"
+        step attention 120 env TRITON_PRINT_AUTOTUNING=1 "$PY" -m kernels.attention --json "$OUT/attention.json"
         ;;
     bench)
-        step bench 110 "$PY" bench_gpu.py all --json "$OUT/bench_gpu.json"
-        ;;
-    *)
-        echo "unknown step $s: use tests, attention or bench"
-        exit 2
+        step bench 100 "$PY" bench_gpu.py all --json "$OUT/bench_gpu.json"
         ;;
     esac
 done

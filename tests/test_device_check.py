@@ -61,9 +61,9 @@ def test_peak_flops_and_update_flops():
     assert bench_gpu.update_flops(model, 2, 1024) == 2 * 1024 * (6 * n_matmul + attn)
 
 
-def test_report_reads_the_steps_and_judges_the_goals(tmp_path, monkeypatch):
+def test_report_reads_the_steps_and_judges_the_goals(tmp_path):
     ids = ["tests/test_cuda.py::test_a[x]", "tests/test_cuda.py::test_b", "tests/test_cuda.py::test_c"]
-    monkeypatch.setattr(device_report, "expected_tests", lambda: ids)  # instead of pytest --collect-only
+    (tmp_path / "collected.txt").write_text("\n".join(ids) + "\n\n3 tests collected\n")  # as the tests step writes
     (tmp_path / "tests-bf16.log").write_text(
         "tests/test_cuda.py::test_a[x] PASSED [ 50%]\ntests/test_cuda.py::test_b FAILED [100%]\n"
         "FAILED tests/test_cuda.py::test_b - AssertionError\n")
@@ -78,7 +78,7 @@ def test_report_reads_the_steps_and_judges_the_goals(tmp_path, monkeypatch):
     assert report["tests"] == {"tests/test_cuda.py::test_a[x]": "PASSED", "tests/test_cuda.py::test_b": "FAILED"}
     met = {r["measure"].split(",")[0].split(":")[0]: r["met"] for r in report["measures"]}
     assert met["CUDA tests (tests/test_cuda.py)"] == "no"
-    assert report["measures"][0]["value"].startswith("1 passed, 1 failed, 1 not run of 3")
+    assert report["measures"][0]["value"].startswith("1 passed, 1 failed, 0 skipped, 1 not run of 3")
     assert met["attention fwd"] == "yes" and met["attention bwd"] == "no"  # 1.11x >= 1.0, 0.67x < 0.8
     assert met["decode at batch 1"] == "yes" and met["sampler at batch 64 (8 prompts x 8)"] == "no"
     assert met["GRPO update peak memory"] == "not measured"
