@@ -4,6 +4,7 @@
     python bench_gpu.py sampler  # batch 64 (8 prompts x 8 samples): our sampler vs transformers' generate
     python bench_gpu.py train    # one GRPO update (grpo.policy_update): training tokens/s and MFU
     python bench_gpu.py all --json OUT.json   # the three, one JSON object (scripts/device-check.sh)
+    python bench_gpu.py decode sampler --repeats 1   # several, one timed run each
 
 Every figure comes with the device it ran on. Without a CUDA device each command prints "no CUDA
 device" and exits 0 (the CPU benchmarks are bench.py's). Goals (issue 15): decode at batch 1 moves
@@ -165,8 +166,9 @@ BENCHES = {"decode": bench_decode, "sampler": bench_sampler, "train": bench_trai
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=[*BENCHES, "all"])
+    parser.add_argument("what", nargs="+", choices=[*BENCHES, "all"])
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measure (median), after one warm-up")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: the GPU benchmarks need one (bench.py has the CPU ones)")
@@ -174,9 +176,9 @@ def main(argv=None) -> int:
     out = {"device": torch.cuda.get_device_name(), "machine": machine(), "shape": SHAPE,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(f"machine: {out['machine']}\nmodel: {SHAPE} shape, random weights, bf16", flush=True)
-    for name in BENCHES if args.what == "all" else [args.what]:
+    for name in BENCHES if "all" in args.what else dict.fromkeys(args.what):
         try:
-            res = BENCHES[name]()
+            res = BENCHES[name](repeats=args.repeats)
         except Exception as e:  # one failing benchmark must not hide the others' figures
             res = {f"{name}_error": f"{type(e).__name__}: {e}"}
         out.update(res)

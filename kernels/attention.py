@@ -236,10 +236,11 @@ if __name__ == "__main__":  # python -m kernels.attention [--json FILE]: kernels
     parser = argparse.ArgumentParser(description="forward and backward TFLOP/s of our Triton kernel, "
                                      "SDPA-flash and SDPA-cuDNN (causal, bf16, T 1k-8k, D 64 and 128)")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
+    parser.add_argument("--compile-only", action="store_true", help="compile the kernels it runs, time nothing")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: the attention benchmark needs one")
     elif _triton is None:
         raise SystemExit(_NO_TRITON)
     else:
-        _triton.bench(args.json or None)
+        _triton.bench(args.json or None, compile_only=args.compile_only)

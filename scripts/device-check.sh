@@ -4,8 +4,8 @@
 # Runs on one CUDA device (H100/H200), with no network and nothing to install (torch, triton,
 # transformers and pytest are all it needs), within 8 minutes: each step has its own `timeout`, and
 # a step that runs out of time or fails leaves the others' results in place.
-#   tests      pytest tests/test_cuda.py in four parallel groups (bf16 kernels, fp16 kernels, model
-#              and rollout, FSDP2 and memory), a log and JUnit XML per group                    <= 180 s
+#   tests      pytest tests/test_cuda.py, one process per test, 12 at once, a log and JUnit XML each;
+#              meanwhile two processes compile the benchmarks' kernels into Triton's cache    <= 180 s
 #   attention  python -m kernels.attention: ours vs SDPA-flash and SDPA-cuDNN, fwd/bwd TFLOP/s <= 120 s
 #   bench      python bench_gpu.py all: batch-1 decode bandwidth, batch-64 sampler vs transformers,
 #              GRPO update tokens/s and MFU, at the Qwen2.5-0.5B shape                          <= 100 s
@@ -56,13 +56,24 @@ step() {
 for s in $STEPS; do
     case $s in
     tests)
-        # four groups at once: Triton compiles each kernel config on the CPU, and 16 cores share that
-        # work; the autotuner's timings are skewed by the sharing, which changes speed, never results
-        "$PY" -m pytest -p no:cacheprovider --collect-only -q tests/test_cuda.py > "$OUT/collected.txt" 2>&1 &
-        for g in "kernels-bf16:kernel and bf16" "kernels-fp16:kernel and fp16" \
-                 "model:not kernel and not fsdp and not peak_memory" "fsdp-memory:fsdp or peak_memory"; do
-            step "tests-${g%%:*}" 180 "$PY" -m pytest -p no:cacheprovider -v -rA tests/test_cuda.py -k "${g#*:}" \
-                --junitxml="$OUT/junit-${g%%:*}.xml" &
+        # One process per test, up to MAX_JOBS at once, beside two that compile what the benchmarks run:
+        # Triton compiles each autotune config on one CPU core (seconds each, 19 per kernel variant),
+        # so 16 cores share the work. The autotuner's timings are skewed by the sharing, which
+        # changes speed, never results; the benchmark steps below autotune again, alone on the GPU.
+        deadline=$((SECONDS + 180))
+        "$PY" -m pytest -p no:cacheprovider --collect-only -q tests/test_cuda.py > "$OUT/collected.txt" 2>&1
+        ids=$(grep '^tests/test_cuda.py::' "$OUT/collected.txt" | grep -v '::test_kernel_'
+              grep '^tests/test_cuda.py::test_kernel_' "$OUT/collected.txt")  # the slow model tests first
+        [ -n "$ids" ] || ids=tests/test_cuda.py                               # a collection error: show it
+        step warm-attention 175 "$PY" -m kernels.attention --compile-only &
+        step warm-bench 175 "$PY" bench_gpu.py decode sampler train --repeats 1 --json "$OUT/bench_gpu_warm.json" &
+        i=0
+        for id in $ids; do
+            while [ "$(jobs -rp | wc -l)" -ge "${MAX_JOBS:-12}" ]; do wait -n; done
+            i=$((i + 1))
+            left=$((deadline - SECONDS))
+            step "tests-$(printf %02d $i)" $((left > 10 ? left : 10)) "$PY" -m pytest -p no:cacheprovider -v -rA \
+                "$id" --junitxml="$OUT/junit-$i.xml" &
         done
         wait
         ;;

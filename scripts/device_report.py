@@ -135,6 +135,9 @@ def main(out: str) -> int:
     steps = [json.loads(ln) for ln in (out / "steps.jsonl").read_text().splitlines() if ln.strip()] \
         if (out / "steps.jsonl").is_file() else []
     attn, bench, peak = (read_json(out / f) for f in ("attention.json", "bench_gpu.json", "peak_memory.json"))
+    warm = read_json(out / "bench_gpu_warm.json")
+    if bench is None and warm is not None:  # the bench step did not finish: the compile run's figures,
+        bench = {**warm, "source": "the warm-up run, beside the tests (under load: a lower bound)"}
     try:
         import torch
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
@@ -148,6 +151,8 @@ def main(out: str) -> int:
               "tests": tests, "attention": attn, "bench": bench, "peak_memory": peak}
     (out / "device-check.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(device, date, rows, attn, steps)
+    if bench and bench.get("source"):
+        md += f"\nThe decode, sampler and GRPO figures are from {bench['source']}.\n"
     (out / "device-check.md").write_text(md)
     print(md)
     ok = all(s["rc"] == 0 for s in steps) and rows[0]["met"] == "yes"
