@@ -11,7 +11,11 @@
 #              GRPO update tokens/s and MFU, at the Qwen2.5-0.5B shape                          <= 100 s
 # Then scripts/device_report.py writes OUTDIR/device-check.json and OUTDIR/device-check.md (the table
 # with each measure against its goal). Name steps to run only those (a rerun after a fix).
-# Without a CUDA device it prints "no CUDA device" and exits 0.
+# Without a CUDA device it prints "no CUDA device" and exits 0. Exit code 1: a test failed or a step
+# did not finish (the report says which). MAX_JOBS (default 12) caps the parallel test processes;
+# Triton's compiled kernels stay in TRITON_CACHE_DIR (default /tmp/r1-triton-cache), so a rerun on
+# the same machine skips the compiling. On a lent device: one call, `bash scripts/device-check.sh
+# "$OUT"`, with a limit of about 500 s.
 set -u
 OUT=${1:?usage: bash scripts/device-check.sh OUTDIR [tests] [attention] [bench]}
 shift
