@@ -195,7 +195,7 @@ def bench_linear(args) -> None:
 
 def bench_attention(args) -> None:
     try:
-        from kernels.flash_attention import _bench
+        from kernels.flash_attention import bench as _bench
     except ImportError:
         raise SystemExit("bench.py attention needs the triton package, which is not installed: pip install triton")
     print(f"machine: {machine()}")

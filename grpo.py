@@ -25,6 +25,11 @@ Papers:
 Shapes: P prompts, G outputs per prompt (the group), N sequences in this micro-batch (any subset
 of the P*G, in any order), T padded completion length. `mask` is 1 on completion tokens.
 
+Precision: whatever the model's dtype (bf16 with --dtype bfloat16, the default on CUDA), the loss
+is float32: `token_logprobs` upcasts the logits before log_softmax, so logprobs, ratios, the KL,
+advantages and the loss are float32; only the gradient flowing back into the model is bf16
+(tests/test_bf16.py).
+
 Departures and choices:
 - The KL is a per-token term in the loss, as in DeepSeekMath eq. 3, not a per-token penalty folded
   into the reward as in PPO-RLHF (InstructGPT). Like every implementation, it is evaluated at tokens

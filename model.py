@@ -18,6 +18,15 @@ Shape legend (used in every comment of this project):
     B batch, T time (tokens in this call), S cache slots (keys visible), H query heads,
     Hkv key/value heads, D head dim, C hidden size (H * D need not equal C in Qwen3), V vocab.
 
+Precision: the weights and activations are in the parameters' dtype (float32, or bfloat16 with
+`--dtype bfloat16`, the default on CUDA); these run in float32 whatever that dtype is:
+- RMSNorm's normalisation (x.float(), then cast back before the weight, as the references do);
+- the rotary angles (`inv_freq` stays float32 through `model.to(dtype)`; cos and sin are cast after);
+- attention's softmax: the Triton kernel keeps scores, running max, sum and accumulator in float32;
+  torch SDPA's kernels accumulate in float32 too;
+- everything after the logits: `rollout.token_logprobs` and the sampler upcast the logits before
+  log_softmax, the SFT and GRPO losses are float32 (tests/test_bf16.py checks each).
+
 Departures from the reference implementations:
 - Ragged batches are left-padded; `kv_start[b]` is the first real slot of row b. Rotary
   positions are counted from it, so a left-padded prompt gets the same positions (and logits)
@@ -337,6 +346,14 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
         self.inv_freq.copy_(rope_frequencies(self.cfg))
+
+    def _apply(self, fn, recurse=True):
+        """`model.to(torch.bfloat16)` casts every floating buffer; the rotary frequencies stay float32
+        (rounded to bf16, the angles at position 4096 would be off by radians) and only move device."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = rope_frequencies(self.cfg).to(self.inv_freq.device)
+        return self
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

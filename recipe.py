@@ -51,7 +51,7 @@ from rewards import (DEFAULT_WEIGHTS, STAGE2_WEIGHTS, accuracy_reward, format_re
                      rule_reward)
 from rollout import completion_text, derive_seed, gathered_weights, generate
 from runtime import (Dist, ExampleStream, StageRun, UserError, cosine_lr, find_model, fit, get_task,
-                     load_frozen_rm, load_model, shard, supervised_steps)
+                     load_frozen_rm, load_model, resolve_dtype, shard, supervised_steps)
 from sft import SFTConfig
 from tokenizer import Tokenizer, build_char_tokenizer
 from toy import EOS_TEXT, ToyConfig
@@ -154,14 +154,14 @@ def stage_configs(args: dict[str, dict], stage: str) -> dict:
 
 # --- a model trained from scratch ---------------------------------------------------------------
 
-def new_model(name: str, tok: Tokenizer, seed: int, device) -> Transformer:
-    """A randomly initialised model of preset `name` for `tok`'s vocabulary."""
+def new_model(name: str, tok: Tokenizer, seed: int, device, dtype: torch.dtype = torch.float32) -> Transformer:
+    """A randomly initialised model of preset `name` for `tok`'s vocabulary, in `dtype` (--dtype)."""
     try:
         cfg = preset(name, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     except ValueError as e:
         raise UserError(str(e)) from None
     torch.manual_seed(seed)
-    return Transformer(cfg).to(device)
+    return Transformer(cfg).to(device=device, dtype=dtype)
 
 
 # --- the two drivers ------------------------------------------------------------------------------
@@ -376,7 +376,7 @@ def stage_pretrain(c: dict, d: Dist, name: str = "pretrain") -> None:
         raise UserError(f"stage pretrain needs the toy task (got --task {run.task}); real checkpoints "
                         "start at --stage zero --init DIR")
     tok = build_char_tokenizer(task.alphabet())
-    model = new_model(run.model, tok, run.seed, d.device)
+    model = new_model(run.model, tok, run.seed, d.device, resolve_dtype(run.dtype, d.device))
     docs = task.pretrain_corpus(scfg.steps * scfg.batch_size, run.seed)
     examples = [sft.encode_example(tok, "", doc.removesuffix(EOS_TEXT), scfg.max_len) for doc in docs]
     run_sft(c, d, name, model, tok, examples)

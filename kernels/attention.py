@@ -231,7 +231,16 @@ def attention_reference(q, k, v, causal=True, kv_start=None):
     return (probs @ v64).to(q.dtype)  # (B, H, Tq, D)
 
 
-if __name__ == "__main__":  # the benchmark lives with the kernel it measures
-    if _triton is None:
+if __name__ == "__main__":  # python -m kernels.attention [--json FILE]: kernels/flash_attention.py's bench
+    import argparse
+    parser = argparse.ArgumentParser(description="forward and backward TFLOP/s of our Triton kernel, "
+                                     "SDPA-flash and SDPA-cuDNN (causal, bf16, T 1k-8k, D 64 and 128)")
+    parser.add_argument("--json", default="", help="also write the rows to this JSON file")
+    parser.add_argument("--compile-only", action="store_true", help="compile the kernels it runs, time nothing")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: the attention benchmark needs one")
+    elif _triton is None:
         raise SystemExit(_NO_TRITON)
-    _triton._bench()
+    else:
+        _triton.bench(args.json or None, compile_only=args.compile_only)
