@@ -77,6 +77,14 @@ class ContextError(ValueError):
     """A prompt plus max_new_tokens does not fit the model's context: the caller's input is wrong."""
 
 
+class NonFiniteLogits(FloatingPointError):
+    """The model's next-token scores are NaN or inf: its weights have blown up; nothing to sample."""
+
+    def __init__(self):
+        super().__init__("sampling: the model's logits are NaN or inf (its weights have blown up); "
+                         "use a checkpoint from before the blow-up")
+
+
 @dataclass
 class Rollout:
     """N = len(prompts) * num_samples completions, prompt-major (row i * G + j = sample j of prompt i)."""
@@ -125,6 +133,8 @@ def _inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> to
     blocks = F.pad(weights, (0, pad)).view(B, -1, _CDF_BLOCK)                          # (B, nb, bs)
     cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)                                # (B, nb)
     total = cdf[:, -1:]                                                                 # (B, 1)
+    if not bool(torch.isfinite(total).all()):  # NaN logits: searchsorted would run off the end
+        raise NonFiniteLogits()
     below = lambda x: torch.nextafter(x, torch.zeros_like(x))  # noqa: E731  largest double < x
     u = torch.rand(total.shape, generator=generator, dtype=cdf.dtype, device=cdf.device) * total
     u = torch.minimum(u, below(total))                           # u < total after rounding
@@ -146,7 +156,10 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     logp = _tempered(logits, temperature).log_softmax(-1)      # (B, V) what the trainer recomputes
     if temperature == 0:
         tokens = logp.argmax(-1)                                # (B,)
-        return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+        lp = logp.gather(-1, tokens[:, None]).squeeze(-1)       # (B,)
+        if not bool(torch.isfinite(lp).all()):                  # argmax of NaN is an arbitrary token
+            raise NonFiniteLogits()
+        return tokens, lp
     scores = logp
     if 0 < top_k < logp.shape[-1]:
         kth = torch.topk(logp, top_k, dim=-1).values[:, -1:]    # (B, 1)

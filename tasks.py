@@ -166,7 +166,7 @@ def load_gsm8k(path: str | os.PathLike) -> list[dict]:
             raise data.DataError(f"{where}: answer has no '#### <number>' line; "
                                  "end it with '#### 42' as GSM8K does")
         out.append({"task": "math", "prompt": r1_zero_prompt(question), "question": question,
-                    "answer": _check_gold(gold, where), "lang": "en", "source": "gsm8k"})
+                    "answer": _check_gold(gold, where), "lang": "en", "source": "gsm8k", "where": where})
     return out
 
 
@@ -184,7 +184,7 @@ def load_jsonl_samples(path: str | os.PathLike) -> list[dict]:
             raise data.DataError(f"{where}: field 'raw_prompt' is {raw!r}; use true or false (or drop it)")
         out.append({"task": "math", "prompt": question if raw else r1_zero_prompt(question),
                     "question": question, "answer": gold, "lang": data.check_lang(row, where),
-                    "source": "jsonl"})
+                    "source": "jsonl", "where": where})
     return out
 
 
@@ -202,6 +202,7 @@ class _FileTask:
 
     def __init__(self, train_path: Path, eval_path: Path, loader):
         self.train_path, self.eval_path, self._loader, self._cache = train_path, eval_path, loader, {}
+        self._where: dict[Path, list[str]] = {}  # 'path:line' of each row, for errors
 
     def _load(self, path: Path) -> list[dict]:
         if path not in self._cache:  # lazy: constructing a task never touches the disk
@@ -209,8 +210,21 @@ class _FileTask:
             if not rows:
                 raise data.DataError(f"{path}: no samples (only blank lines); "
                                      "add lines or point at another file")
+            self._where[path] = [r.pop("where") for r in rows]
             self._cache[path] = rows
         return self._cache[path]
+
+    def check_prompts(self, encode, budget: int, limit: int) -> None:
+        """Every train and eval prompt leaves `budget` new tokens within `limit` (the model's
+        context): the first that does not is a DataError naming its path:line, before a run starts
+        rather than when the row is drawn."""
+        for path in dict.fromkeys((self.train_path, self.eval_path)):
+            for row, where in zip(self._load(path), self._where[path]):
+                n = len(encode(row["prompt"]))
+                if n + budget > limit:
+                    raise data.DataError(f"{where}: the prompt has {n} tokens; with --max_new_tokens {budget} "
+                                         f"that exceeds the model's context of {limit}; shorten or drop the "
+                                         "line, or lower --max_new_tokens")
 
     def train_samples(self, seed: int, start: int = 0) -> Iterator[dict]:
         return _cycle(self._load(self.train_path), seed, start)

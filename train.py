@@ -21,8 +21,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import MISSING, fields  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -30,7 +32,7 @@ import recipe  # noqa: E402
 from data import DataError  # noqa: E402
 from grpo import LOSS_PRESETS  # noqa: E402
 from rollout import ContextError  # noqa: E402
-from runtime import UserError, init_distributed  # noqa: E402
+from runtime import UserError, init_distributed, release_locks  # noqa: E402
 
 # Flag groups: (key in recipe.CONFIGS, prefix of its flags, title). A name in two configs is one
 # flag that sets both (--steps sets SFTConfig.steps and GRPOConfig.steps: each stage reads its own).
@@ -109,9 +111,12 @@ def convert(val: str, f, flag: str):
             if val.lower() not in TRUE + FALSE:
                 raise ValueError
             return val.lower() in TRUE
-        return kind(val)
+        out = kind(val)
     except ValueError:
         raise UserError(f"--{flag} {val!r}: expected a {kind.__name__}") from None
+    if kind is float and not math.isfinite(out):
+        raise UserError(f"--{flag} {val!r}: expected a finite number")
+    return out
 
 
 def _underscores(arg: str) -> str:
@@ -155,19 +160,35 @@ def stages_of(spec: str) -> list[str]:
     return out
 
 
+def check_out(out: str, stages: list[str]) -> None:
+    """--out must be a directory this user can create or write (eval only reads it)."""
+    if stages == ["eval"]:
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {out}: a file, not a directory; pass a directory for the run")
+    parent = next(p for p in (path, *path.parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {parent} is not writable; pass an --out you can write to")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         run = recipe.stage_configs(args, "eval")["run"]
         stages = stages_of(run.stage)
+        configs = [recipe.stage_configs(args, s) for s in stages]  # every setting checked before any runs
+        check_out(run.out, stages)
         if run.threads:
             torch.set_num_threads(run.threads)
-        d = init_distributed(run.device)
-        for s in stages:
-            recipe.RUNNERS[s](recipe.stage_configs(args, s), d)
-    except (UserError, DataError, ContextError) as e:  # the person's mistakes; anything else is a bug
-        print(f"error: {e}", file=sys.stderr)
+        d = init_distributed(run.device, run.dist_timeout)
+        for s, c in zip(stages, configs):
+            recipe.RUNNERS[s](c, d)
+    except (UserError, DataError, ContextError, FloatingPointError) as e:  # the person's mistakes (or a
+        print(f"error: {e}", file=sys.stderr)                              # blown-up model); else a bug
         return 2
+    finally:
+        release_locks()
     if d.world > 1:
         torch.distributed.barrier()  # every rank done before gloo/NCCL tear down
         torch.distributed.destroy_process_group()
