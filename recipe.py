@@ -107,10 +107,12 @@ class RunConfig:
                   "rs_samples", "distill_prompts", "student_steps")
         bad = [f"--{n} {getattr(self, n)}" for n in counts if getattr(self, n) < 1]
         bad += [f"--{n} {getattr(self, n)}" for n in ("eval_every", "threads") if getattr(self, n) < 0]
-        bad += [] if self.dist_timeout > 0 else [f"--dist_timeout {self.dist_timeout}"]
         if bad:
             raise ValueError(f"{', '.join(bad)}: counts must be at least 1 (--eval_every and --threads: "
-                             "at least 0, 0 meaning never / torch's default; --dist_timeout: above 0)")
+                             "at least 0, 0 meaning never / torch's default)")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"--dist_timeout {self.dist_timeout}: give the seconds a rank waits, above 0 "
+                             "(default 300)")
         if not 0 <= self.general_frac <= 1 or not 0 < self.rs_reasoning_frac <= 1:
             raise ValueError(f"--general_frac {self.general_frac}, --rs_reasoning_frac {self.rs_reasoning_frac}: "
                              "need 0 <= general_frac <= 1 and 0 < rs_reasoning_frac <= 1")

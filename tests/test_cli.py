@@ -1,6 +1,7 @@
 """train.py's command line: every flag once with its description and the default that runs, the
 flag spellings users type, booleans, and one-line errors."""
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -107,11 +108,38 @@ def test_parse_errors_are_user_errors(argv, message):
     (["--stage", "sft", "--max_len", "1"], "max_len=1"),
     (["--stage", "zero,,grpo"], "unknown stage ''"),
     (["--stage", "pretrain", "--model", "gpt5"], "unknown model preset 'gpt5'"),
+    # silent no-ops before: refused at parse time, before any stage runs
+    (["--stage", "pretrain,zero", "--group_size", "1"], "--group_size 1: GRPO scores each sample against its group"),
+    (["--stage", "pretrain,grpo", "--temperature", "0"], "--temperature 0.0: greedy sampling"),
+    (["--stage", "pretrain", "--steps", "0"], "--steps 0: stage pretrain would train nothing"),
+    (["--stage", "rm", "--rm_steps", "0"], "--rm_steps 0: stage rm would train nothing"),
+    (["--stage", "pretrain", "--batch_size", "0"], "batch_size=0"),
+    (["--stage", "zero", "--minibatches", "0"], "minibatches=0"),
+    (["--stage", "zero", "--mu", "0"], "mu=0"),
+    (["--stage", "eval", "--eval_n", "0"], "--eval_n 0"),
+    (["--stage", ""], "unknown stage ''"),
+    (["--stage", "pretrain", "--lr", "inf"], "--lr 'inf': expected a finite number"),
+    (["--stage", "pretrain", "--max_grad_norm", "nan"], "--max_grad_norm 'nan': expected a finite number"),
+    (["--stage", "zero", "--dist_timeout", "0"], "--dist_timeout 0.0: give the seconds a rank waits"),
 ])
 def test_main_answers_bad_settings_in_one_line(argv, message, capsys, tmp_path):
     assert train.main([*argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_out_must_be_a_writable_directory(capsys, tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert train.main(["--stage", "pretrain", "--out", str(tmp_path / "f")]) == 2
+    assert "a file, not a directory" in capsys.readouterr().err
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    if os.access(ro, os.W_OK):  # root writes past the mode bits; /proc refuses even root
+        ro = Path("/proc")
+    assert train.main(["--stage", "pretrain", "--out", str(ro / "run"), "--model", "micro", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--out you can write to" in err, err
 
 
 def test_a_bug_is_not_swallowed(monkeypatch, tmp_path):

@@ -543,3 +543,41 @@ def test_checkpoint_of_another_layout_is_refused(tmp_path):
     torch.save({"model": state, "optimizer": {}, "state": {}}, tmp_path / "zero" / "ckpt" / "trainer_state.pt")
     with pytest.raises(runtime.UserError, match="different model layout.*delete that ckpt"):
         runtime.StageRun(tmp_path, "zero", runtime.Dist(), 1, {}).resume(m, opt)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("config_list", "config.json: a JSON list, not an object"),
+    ("config_no_hidden_size", "config.json: no 'hidden_size'"),
+    ("truncated_safetensors", "model.safetensors: not a readable safetensors file"),
+    ("garbled_tokenizer", "its tokenizer files cannot be read"),
+])
+def test_broken_checkpoint_files_are_one_line_errors(pretrain4, tmp_path, capsys, name, message):
+    bad = tmp_path / "m"
+    shutil.copytree(pretrain4 / "model", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    if name == "config_list":
+        (bad / "config.json").write_text("[1, 2]")
+    elif name == "config_no_hidden_size":
+        (bad / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "hidden_size"}))
+    elif name == "truncated_safetensors":
+        blob = (bad / "model.safetensors").read_bytes()
+        (bad / "model.safetensors").write_bytes(blob[:len(blob) // 2])
+    else:
+        (bad / "tokenizer.json").write_text("garbage{")
+    assert train.main(["--stage", "eval", "--init", str(bad), *TINY]) == 2
+    assert message in _err(capsys)
+
+
+def test_data_lines_too_deep_or_too_long_name_their_line(pretrain4, tmp_path, capsys):
+    model = str(pretrain4 / "model")
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"prompt": "a", "response": "b"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert run("--stage", "sft", "--out", str(tmp_path / "r"), "--init", model, "--data", str(deep)) == 2
+    assert f"{deep}:2: JSON nested too deeply" in _err(capsys)
+    # a prompt longer than the model's context: found when the stage starts, not when the row is drawn
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "1+1=", "answer": "2", "raw_prompt": True}) + "\n"
+                    + json.dumps({"prompt": "1+" * 200 + "1=", "answer": "201", "raw_prompt": True}) + "\n")
+    assert run("--stage", "zero", "--out", str(tmp_path / "r"), "--init", model, "--task", f"jsonl:{long}") == 2
+    assert f"{long}:2: the prompt has 402 tokens" in _err(capsys)
+    assert not (tmp_path / "r" / "zero").exists()
