@@ -37,6 +37,7 @@ Departures:
 """
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from dataclasses import dataclass, fields
@@ -166,7 +167,7 @@ def load_gsm8k(path: str | os.PathLike) -> list[dict]:
             raise data.DataError(f"{where}: answer has no '#### <number>' line; "
                                  "end it with '#### 42' as GSM8K does")
         out.append({"task": "math", "prompt": r1_zero_prompt(question), "question": question,
-                    "answer": _check_gold(gold, where), "lang": "en", "source": "gsm8k", "where": where})
+                    "answer": _check_gold(gold, where), "lang": "en", "source": "gsm8k"})
     return out
 
 
@@ -184,7 +185,7 @@ def load_jsonl_samples(path: str | os.PathLike) -> list[dict]:
             raise data.DataError(f"{where}: field 'raw_prompt' is {raw!r}; use true or false (or drop it)")
         out.append({"task": "math", "prompt": question if raw else r1_zero_prompt(question),
                     "question": question, "answer": gold, "lang": data.check_lang(row, where),
-                    "source": "jsonl", "where": where})
+                    "source": "jsonl"})
     return out
 
 
@@ -202,7 +203,6 @@ class _FileTask:
 
     def __init__(self, train_path: Path, eval_path: Path, loader):
         self.train_path, self.eval_path, self._loader, self._cache = train_path, eval_path, loader, {}
-        self._where: dict[Path, list[str]] = {}  # 'path:line' of each row, for errors
 
     def _load(self, path: Path) -> list[dict]:
         if path not in self._cache:  # lazy: constructing a task never touches the disk
@@ -210,7 +210,6 @@ class _FileTask:
             if not rows:
                 raise data.DataError(f"{path}: no samples (only blank lines); "
                                      "add lines or point at another file")
-            self._where[path] = [r.pop("where") for r in rows]
             self._cache[path] = rows
         return self._cache[path]
 
@@ -219,10 +218,12 @@ class _FileTask:
         context): the first that does not is a DataError naming its path:line, before a run starts
         rather than when the row is drawn."""
         for path in dict.fromkeys((self.train_path, self.eval_path)):
-            for row, where in zip(self._load(path), self._where[path]):
+            for i, row in enumerate(self._load(path)):
                 n = len(encode(row["prompt"]))
                 if n + budget > limit:
-                    raise data.DataError(f"{where}: the prompt has {n} tokens; with --max_new_tokens {budget} "
+                    # row i is the file's i-th non-blank line (the loaders keep every line, in order)
+                    lineno = next(itertools.islice(data.read_jsonl(path), i, None))[0]
+                    raise data.DataError(f"{path}:{lineno}: the prompt has {n} tokens; with --max_new_tokens {budget} "
                                          f"that exceeds the model's context of {limit}; shorten or drop the "
                                          "line, or lower --max_new_tokens")
 
