@@ -1,8 +1,9 @@
 """Checkpoints: Hugging Face layout in and out, trainer state for resume, the reward model's files.
 
-Three kinds of directory, each written whole or not at all (`atomic_dir`: into a temporary sibling
-that then takes the place of the old one, so a crash never leaves a half-written checkpoint where a
-good one was):
+Three kinds of directory, each written whole or not at all (`atomic_dir`: into a temporary sibling,
+fsynced, that then takes the place of the old one, so a crash never leaves a half-written checkpoint
+where a good one was; `recover_dir` undoes what a kill in the middle of the swap leaves, and a full
+disk is a `WriteError` with the old directory untouched):
 
 - a model (`load_pretrained` / `save_pretrained`): the Hugging Face layout, `config.json`,
   `model.safetensors` (or shards `model-0000k-of-0000n.safetensors` with

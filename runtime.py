@@ -442,7 +442,8 @@ def fit(run: StageRun, model, optimizer, tok, steps: Iterator[dict], total: int,
         eval_every: int = 0, time_budget: float = 0.0) -> dict:
     """Run `steps` (one metrics row per optimizer step, from step `run.start` on) to `total` steps.
 
-    After each step: stop on a non-finite loss (nothing is saved, the last checkpoint stays), log
+    After each step: stop on a non-finite loss, or a step `clip_and_step` refused (a non-finite
+    gradient, or parameters the step made non-finite; nothing is saved, the last checkpoint stays), log
     the row, evaluate every `eval_every` steps and at the end (`evaluate() -> {name: value}`, also
     at step 0 of a fresh run), print about PROGRESS_LINES lines, and save the trainer state (model,
     optimizer, `loop_state()`) every `run.ckpt_every` steps and at the end. `time_budget` > 0 stops
