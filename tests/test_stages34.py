@@ -21,7 +21,7 @@ import train
 from checkpoint import load_reward_model
 from data import write_jsonl
 from rewards import combine_rewards, rule_reward
-from tests.test_train import TINY
+from tests.test_train import TINY, Killed, kill_after_checkpoint
 from tokenizer import Tokenizer
 
 MORE = ["--rm_steps", "3", "--rm_batch_size", "8", "--rm_eval_pairs", "16", "--rs_prompts", "8",
@@ -207,15 +207,18 @@ def test_rl_stage_mixes_general_and_reasoning_prompts(out, tmp_path, monkeypatch
     assert (new / "rl" / "model" / "model.safetensors").is_file()
 
 
-def test_rl_resume_repeats_uninterrupted_run(out, tmp_path):
+def test_rl_resume_repeats_uninterrupted_run(out, tmp_path, monkeypatch, capsys):
     """The checkpoint holds both prompt-stream positions, so a resumed mixed run is the same run."""
-    def go(name, steps):
-        new = fresh(out, tmp_path / name, "rs", "rm")
-        assert run("--stage", "rl", "--out", str(new), "--steps", str(steps), "--ckpt_every", "2",
-                   "--general_frac", "0.5") == 0
-        return new
-    a, b = go("a", 4), go("b", 2)
-    go("b", 4)
+    args = ("--stage", "rl", "--steps", "4", "--ckpt_every", "2", "--general_frac", "0.5")
+    a, b = fresh(out, tmp_path / "a", "rs", "rm"), fresh(out, tmp_path / "b", "rs", "rm")
+    assert run(*args, "--out", str(a)) == 0
+    kill_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(Killed):
+        run(*args, "--out", str(b))
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run(*args, "--out", str(b)) == 0
+    assert "at step 2" in capsys.readouterr().out
     timing = ("gen_time", "train_time", "gen_tok_per_s", "train_tok_per_s")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(metrics(b / "rl" / "metrics.jsonl")) == strip(metrics(a / "rl" / "metrics.jsonl"))
