@@ -637,6 +637,17 @@ def stage_distill(c: dict, d: Dist) -> None:
         print(f"[distill] wrote {sdir / 'comparison.json'}", flush=True)
 
 
+def run_stage(stage: str, c: dict, d: Dist) -> None:
+    """RUNNERS[stage], unless its checkpoint says it is already done with these settings (or was made
+    with others: refused) before the stage samples data or loads teachers. distill checks each of its
+    three runs itself."""
+    run = c["run"]
+    if stage in SFT_STAGES + RL_STAGES + ("rm",) and stage != "distill":
+        if StageRun(run.out, stage, d, run.ckpt_every, c, shaping(c, stage), run.restart).peek():
+            return
+    RUNNERS[stage](c, d)
+
+
 RUNNERS = {"pretrain": stage_pretrain, "zero": stage_zero, "sft": stage_sft, "grpo": stage_grpo,
            "rm": stage_rm, "rs": stage_rs, "rl": stage_rl, "distill": stage_distill,
            "eval": stage_eval, "summary": stage_summary, "plot": stage_plot}

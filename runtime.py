@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 import tasks
-from checkpoint import (RM_MARKER, WriteError, config_from_hf, has_trainer_state, load_pretrained,
+from checkpoint import (RM_MARKER, TRAINER_STATE, WriteError, config_from_hf, has_trainer_state, load_pretrained,
                         load_reward_model, load_trainer_state, read_json, recover_dir, save_model,
                         save_trainer_state)
 from data import epochs
@@ -348,17 +348,11 @@ class StageRun:
                 state = load_trainer_state(self.ckpt, model, optimizer)
             except ValueError as e:
                 raise UserError(str(e)) from None
-            saved = state.get("settings")
-            if self.settings is not None and saved is not None and saved != self.settings:
-                what = "finished" if state.get("done") else "stopped"
-                raise UserError(f"stage {self.name}: {self.ckpt} is a {what} run with other settings "
-                                f"({setting_changes(saved, self.settings)}); rerun with its settings, pass "
-                                "another --out, or pass --restart to start the stage over")
+            self._check_settings(state)
             self.saved_step = state["step"]
         self.start, self.state = state["step"], state
         if self.finished:
-            self.print(f"already done: {self.dir / 'model'} ({self.start} steps); nothing to run "
-                       "(--restart runs it again)")
+            self._say_done()
         elif self.start:
             self.print(f"resuming from {self.ckpt} at step {self.start}")
         if self.d.main and not self.finished:
@@ -367,6 +361,34 @@ class StageRun:
             (self.dir / "run_config.json").write_text(json.dumps(blob, indent=2) + "\n")
         self.metrics = Metrics(self.dir / "metrics.jsonl", self.d, self.start)
         return state
+
+    def _check_settings(self, state: dict) -> None:
+        saved = state.get("settings")
+        if self.settings is not None and saved is not None and saved != self.settings:
+            what = "finished" if state.get("done") else "stopped"
+            raise UserError(f"stage {self.name}: {self.ckpt} is a {what} run with other settings "
+                            f"({setting_changes(saved, self.settings)}); rerun with its settings, pass "
+                            "another --out, or pass --restart to start the stage over")
+
+    def _say_done(self) -> None:
+        self.print(f"already done: {self.dir / 'model'} ({self.start} steps); nothing to run "
+                   "(--restart runs it again)")
+
+    def peek(self) -> bool:
+        """Before a stage prepares (samples its data, loads teachers): refuse a checkpoint of other
+        settings, and return whether the stage is already done, from the saved loop state alone (the
+        tensors are memory-mapped, not read). `resume` checks again, under the lock."""
+        if self.restart or not has_trainer_state(self.ckpt):
+            return False
+        try:
+            state = torch.load(self.ckpt / TRAINER_STATE, map_location="cpu", mmap=True, weights_only=False)["state"]
+        except Exception:  # an unreadable checkpoint: `resume` says what is wrong with it
+            return False
+        self._check_settings(state)
+        self.start, self.state = state["step"], state
+        if self.finished:
+            self._say_done()
+        return self.finished
 
     @property
     def finished(self) -> bool:

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(run.threads)
         d = init_distributed(run.device, run.dist_timeout)
         for s, c in zip(stages, configs):
-            recipe.RUNNERS[s](c, d)
+            recipe.run_stage(s, c, d)
     except (UserError, DataError, ContextError, FloatingPointError) as e:  # the person's mistakes (or a
         print(f"error: {e}", file=sys.stderr)                              # blown-up model); else a bug
         return 2

@@ -16,6 +16,7 @@ import torch
 
 import checkpoint
 import grpo
+import recipe
 import runtime
 import train
 from checkpoint import load_pretrained
@@ -581,3 +582,26 @@ def test_data_lines_too_deep_or_too_long_name_their_line(pretrain4, tmp_path, ca
     assert run("--stage", "zero", "--out", str(tmp_path / "r"), "--init", model, "--task", f"jsonl:{long}") == 2
     assert f"{long}:2: the prompt has 402 tokens" in _err(capsys)
     assert not (tmp_path / "r" / "zero").exists()
+
+
+def test_a_done_or_changed_stage_is_answered_before_it_prepares(pretrained, tmp_path, monkeypatch, capsys):
+    """A finished stage says so, and a changed one is refused, before the stage reads its data (or
+    samples a teacher)."""
+    from data import write_jsonl
+    from toy import ToyArithmetic
+    toy = ToyArithmetic()
+    stream = toy.train_samples(1)
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, [{"prompt": s["prompt"], "response": toy.sft_response(s)} for s in (next(stream) for _ in range(8))])
+    args = ("--stage", "sft", "--out", str(tmp_path / "r"), "--init", str(pretrained / "pretrain" / "model"),
+            "--data", str(data), "--steps", "1")
+    assert run(*args) == 0
+
+    def no_data(path):
+        raise AssertionError("the stage prepared its data")
+    monkeypatch.setattr(recipe, "load_sft_jsonl", no_data)
+    capsys.readouterr()
+    assert run(*args) == 0
+    assert "[sft] already done" in capsys.readouterr().out
+    assert run(*args, "--lr", "1e-3") == 2
+    assert "finished run with other settings (--lr 0.0005 -> 0.001)" in _err(capsys)
