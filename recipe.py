@@ -232,6 +232,10 @@ def run_sft(c: dict, d: Dist, name: str, model, tok, examples: list, first_row: 
     run, scfg = c["run"], c["sft"]
     if scfg.batch_size % d.world:
         raise UserError(f"--batch_size {scfg.batch_size} must be a multiple of the {d.world} ranks")
+    longest, ctx = max((len(ids) for ids, _ in examples), default=0), model.cfg.max_seq_len
+    if longest > ctx:  # found now, not when the example is drawn
+        raise UserError(f"--max_len {scfg.max_len}: an example keeps {longest} tokens, more than the model's "
+                        f"context of {ctx}; lower --max_len to at most {ctx}")
     model = shard(model, d)
     opt = make_optimizer(model, scfg.lr, scfg.weight_decay)
     sr = StageRun(run.out, name, d, run.ckpt_every, c, shaping(c, name), run.restart)

@@ -605,3 +605,13 @@ def test_a_done_or_changed_stage_is_answered_before_it_prepares(pretrained, tmp_
     assert "[sft] already done" in capsys.readouterr().out
     assert run(*args, "--lr", "1e-3") == 2
     assert "finished run with other settings (--lr 0.0005 -> 0.001)" in _err(capsys)
+
+
+def test_sft_examples_beyond_the_context_are_refused_at_the_start(pretrained, tmp_path, capsys):
+    from data import write_jsonl
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, [{"prompt": "1+1=", "response": "2"}, {"prompt": "1+" * 150, "response": "2"}])
+    assert run("--stage", "sft", "--out", str(tmp_path / "r"), "--init", str(pretrained / "pretrain" / "model"),
+               "--data", str(data), "--max_len", "400") == 2
+    assert "--max_len 400: an example keeps 302 tokens, more than the model's context of 256" in _err(capsys)
+    assert not (tmp_path / "r" / "sft" / "ckpt").exists()
