@@ -110,6 +110,10 @@ class RunConfig:
         if bad:
             raise ValueError(f"{', '.join(bad)}: counts must be at least 1 (--eval_every and --threads: "
                              "at least 0, 0 meaning never / torch's default)")
+        for name, value, choices in (("device", self.device, ("auto", "cpu", "cuda")),
+                                     ("dtype", self.dtype, ("auto", "float32", "bfloat16"))):
+            if value not in choices:
+                raise ValueError(f"--{name} {value!r}: use {', '.join(choices)}")
         if not self.dist_timeout > 0:
             raise ValueError(f"--dist_timeout {self.dist_timeout}: give the seconds a rank waits, above 0 "
                              "(default 300)")

@@ -121,6 +121,8 @@ def test_parse_errors_are_user_errors(argv, message):
     (["--stage", "pretrain", "--lr", "inf"], "--lr 'inf': expected a finite number"),
     (["--stage", "pretrain", "--max_grad_norm", "nan"], "--max_grad_norm 'nan': expected a finite number"),
     (["--stage", "zero", "--dist_timeout", "0"], "--dist_timeout 0.0: give the seconds a rank waits"),
+    (["--stage", "pretrain", "--dtype", "float16"], "--dtype 'float16': use auto, float32, bfloat16"),
+    (["--stage", "pretrain", "--device", "tpu"], "--device 'tpu': use auto, cpu, cuda"),
 ])
 def test_main_answers_bad_settings_in_one_line(argv, message, capsys, tmp_path):
     assert train.main([*argv, "--out", str(tmp_path)]) == 2
