@@ -288,6 +288,15 @@ class PromptStream:
         n_gen = self.n_general // self.d.world
         return self._take(0, n - n_gen) + self._take(1, n_gen)
 
+    def index(self) -> list[int]:
+        """The indices of this rank's prompts of a full step in the one-process batch (reasoning
+        prompts first, then general ones), whatever the number of ranks: what seeds their rollouts."""
+        n, r = self.per_step // self.d.world, self.d.rank
+        n_gen = self.n_general // self.d.world if self.streams[1] is not None else 0
+        n_rsn = n - n_gen
+        return ([r * n_rsn + i for i in range(n_rsn)]
+                + [self.per_step - self.n_general + r * n_gen + i for i in range(n_gen)])
+
 
 RL_KEYS = ("reward", "reward/accuracy", "reward/format", "reward/language", "reward/rm", "response_length",
            "kl", "clip_frac", "eval/accuracy", "gen_tok_per_s", "train_tok_per_s")
@@ -314,7 +323,8 @@ def run_rl(c: dict, d: Dist, name: str, src: Path, reward_fn: RewardFn, prompts:
     if sr.finished:
         return sr.result()
     steps = grpo.train_rl(policy, ref, tok, prompts.draw, reward_fn, g, lcfg, opt, start=sr.start,
-                          seed=run.seed, rank=d.rank, world=d.world, all_reduce=d.sum_fn())
+                          seed=run.seed, rank=d.rank, world=d.world, all_reduce=d.sum_fn(),
+                          prompt_index=prompts.index())
     result = fit(sr, policy, opt, tok, steps, g.steps, loop_state=prompts.state, keys=RL_KEYS,
                  evaluate=lambda: evaluate(policy, tok, eval_set, g.max_new_tokens, d=d),
                  eval_every=run.eval_every, time_budget=time_budget)

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -21,7 +23,7 @@ import train
 from checkpoint import load_reward_model
 from data import write_jsonl
 from rewards import combine_rewards, rule_reward
-from tests.test_train import TINY, Killed, kill_after_checkpoint
+from tests.test_train import PER_RANK_STATS, ROOT, TINY, Killed, _free_port, kill_after_checkpoint, strip_timing
 from tokenizer import Tokenizer
 
 MORE = ["--rm_steps", "3", "--rm_batch_size", "8", "--rm_eval_pairs", "16", "--rs_prompts", "8",
@@ -205,6 +207,27 @@ def test_rl_stage_mixes_general_and_reasoning_prompts(out, tmp_path, monkeypatch
     for key in ("reward/rm", "reward/accuracy", "reward/language", "eval/accuracy"):
         assert key in rows[-1], key
     assert (new / "rl" / "model" / "model.safetensors").is_file()
+
+
+def test_rl_stage_on_two_ranks_samples_what_one_process_does(out, tmp_path):
+    """Stage 4's mixture under torchrun: each rank takes reasoning and general prompts, yet every
+    prompt is seeded by its place in the one-process batch (PromptStream.index), so the two runs match."""
+    one, two = fresh(out, tmp_path / "one", "rs", "rm"), fresh(out, tmp_path / "two", "rs", "rm")
+    args = ("--stage", "rl", "--steps", "2", "--general_frac", "0.5", *TINY, *MORE)
+    assert train.main([*args, "--out", str(one)]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(ROOT / "train.py"), *args, "--out", str(two)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r1, r2 = strip_timing(metrics(one / "rl" / "metrics.jsonl")), strip_timing(metrics(two / "rl" / "metrics.jsonl"))
+    assert [r["step"] for r in r2] == [0, 1, 2]
+    bad = []
+    for a, b in zip(r1, r2):
+        assert a.keys() == b.keys()
+        bad += [(a["step"], k, a[k], b[k]) for k in a
+                if k not in PER_RANK_STATS and a[k] != pytest.approx(b[k], rel=1e-4, abs=1e-5)]
+    assert not bad, bad
 
 
 def test_rl_resume_repeats_uninterrupted_run(out, tmp_path, monkeypatch, capsys):

@@ -141,6 +141,9 @@ def kill_after_checkpoint(monkeypatch, at_step: int) -> None:
     monkeypatch.setattr(runtime.StageRun, "save_state", save_state)
 
 
+# grpo_loss's std of the advantages is over each rank's own sequences, then averaged: it depends on
+# how the batch is split (a logged statistic; the update does not)
+PER_RANK_STATS = ("adv_std",)
 TIMING = ("gen_time", "train_time", "gen_tok_per_s", "train_tok_per_s", "tok_per_s")
 
 
@@ -443,7 +446,7 @@ def test_torchrun_zero_stage_two_ranks(pretrained, tmp_path):
     assert run("--stage", "zero", "--out", str(one), "--steps", "2") == 0
     for r1, r2 in zip(strip_timing(metrics(one / "zero" / "metrics.jsonl")), strip_timing(rows)):
         assert r1.keys() == r2.keys()
-        for k in r1:
+        for k in set(r1) - set(PER_RANK_STATS):
             assert r1[k] == pytest.approx(r2[k], rel=1e-4, abs=1e-5), (r1["step"], k)
 
 
