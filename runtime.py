@@ -177,10 +177,13 @@ def load_frozen_rm(run, d: Dist, stage: str) -> tuple[RewardModel, Tokenizer]:
         hint = ("run --stage rm first, or pass --reward_model DIR" if not run.reward_model
                 else "pass a directory written by --stage rm")
         raise UserError(f"stage {stage}: no reward model at {path}; {hint}")
+    read_tokenizer(path)  # a garbled tokenizer file: one line naming it
     try:
         rm, tok = load_reward_model(path, dtype=resolve_dtype(run.dtype, d.device), device=d.device)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
+    if not parameters_finite(rm):
+        raise UserError(f"{path}: the reward model's weights hold NaN or inf; train it again (--stage rm --restart)")
     return rm.requires_grad_(False), tok
 
 

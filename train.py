@@ -21,6 +21,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import errno  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import MISSING, fields  # noqa: E402
@@ -46,6 +47,8 @@ GROUPS = (("run", "", "the recipe"),
 # Which config a training stage reads its optimizer settings from.
 PRIMARY = {**{s: "sft" for s in recipe.SFT_STAGES}, **{s: "grpo" for s in recipe.RL_STAGES}, "rm": "rm"}
 TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
+DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+               errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only"}
 
 
 def _Formatter(prog):
@@ -186,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
             recipe.run_stage(s, c, d)
     except (UserError, DataError, ContextError, FloatingPointError) as e:  # the person's mistakes (or a
         print(f"error: {e}", file=sys.stderr)                              # blown-up model); else a bug
+        return 2
+    except OSError as e:  # a full disk or a directory this user cannot write, wherever it is met
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"error: writing {e.filename or 'a file'} failed: {DISK_ERRORS[e.errno]}; rerun the same command "
+              "after fixing it: the run resumes from its last checkpoint", file=sys.stderr)
         return 2
     finally:
         release_locks()

@@ -1,6 +1,7 @@
 """train.py's command line: every flag once with its description and the default that runs, the
 flag spellings users type, booleans, and one-line errors."""
 import dataclasses
+import errno
 import os
 import re
 import subprocess
@@ -151,3 +152,14 @@ def test_a_bug_is_not_swallowed(monkeypatch, tmp_path):
     monkeypatch.setitem(recipe.RUNNERS, "pretrain", broken)
     with pytest.raises(ValueError, match="an internal bug"):
         train.main(["--stage", "pretrain", "--out", str(tmp_path)])
+
+
+def test_a_full_disk_anywhere_is_one_line(monkeypatch, tmp_path, capsys):
+    """Besides checkpoints (tests/test_train.py), any write that meets a full disk ends in one line."""
+    def full(c, d):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.jsonl"))
+    monkeypatch.setitem(recipe.RUNNERS, "pretrain", full)
+    assert train.main(["--stage", "pretrain", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: writing {tmp_path / 'x.jsonl'} failed: the disk is full; rerun the same command after "
+                   "fixing it: the run resumes from its last checkpoint")
