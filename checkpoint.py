@@ -107,8 +107,9 @@ def atomic_dir(path: Path):
         except (OSError, RuntimeError) as e:
             if not _write_failed(e):
                 raise
-            raise WriteError(errno.ENOSPC, f"writing {path} failed, the disk is full ({str(e).splitlines()[0][:120]}); "
-                                           f"free some space and rerun: the previous {path.name} is untouched") from None
+            why = str(e).splitlines()[0][:120]
+            raise WriteError(errno.ENOSPC, f"writing {path} failed, the disk is full ({why}); free some space "
+                                           f"and rerun: the previous {path.name} is untouched") from None
         old = path.with_name(f"{path.name}.old-{os.getpid()}")
         if path.exists():
             os.replace(path, old)

@@ -507,7 +507,8 @@ def test_nan_loss_stops_without_overwriting(capsys, pretrained, tmp_path):
     toy = ToyArithmetic()
     stream = toy.train_samples(1)
     data = tmp_path / "d.jsonl"
-    write_jsonl(data, [{"prompt": s["prompt"], "response": toy.sft_response(s)} for s in (next(stream) for _ in range(8))])
+    write_jsonl(data, [{"prompt": s["prompt"], "response": toy.sft_response(s)}
+                       for s in (next(stream) for _ in range(8))])
     out = tmp_path / "r"
     args = ["--stage", "sft", "--out", str(out), "--init", str(pretrained / "pretrain" / "model"), "--data", str(data)]
     assert run(*args, "--steps", "1") == 0
@@ -595,7 +596,8 @@ def test_a_done_or_changed_stage_is_answered_before_it_prepares(pretrained, tmp_
     toy = ToyArithmetic()
     stream = toy.train_samples(1)
     data = tmp_path / "d.jsonl"
-    write_jsonl(data, [{"prompt": s["prompt"], "response": toy.sft_response(s)} for s in (next(stream) for _ in range(8))])
+    write_jsonl(data, [{"prompt": s["prompt"], "response": toy.sft_response(s)}
+                       for s in (next(stream) for _ in range(8))])
     args = ("--stage", "sft", "--out", str(tmp_path / "r"), "--init", str(pretrained / "pretrain" / "model"),
             "--data", str(data), "--steps", "1")
     assert run(*args) == 0
