@@ -359,14 +359,16 @@ SAMPLE_CHUNK = 64  # prompts per generate call when sampling data (memory: chunk
 
 def sample_share(model, tok, samples: list, k: int, g: GRPOConfig, seed: int, d: Dist):
     """This rank's share of `samples`, k completions each, SAMPLE_CHUNK prompts per `generate` call:
-    yields (chunk of samples, its Rollout; completion j answers chunk[j // k])."""
+    yields (chunk of samples, its Rollout; completion j answers chunk[j // k]). Each prompt's seed
+    comes from its index in `samples`, so any number of ranks samples the same completions."""
     mine = samples[d.rank::d.world]
     for i in range(0, len(mine), SAMPLE_CHUNK):
         chunk = mine[i:i + SAMPLE_CHUNK]
+        seeds = [derive_seed(seed, "prompt", d.rank + (i + j) * d.world) for j in range(len(chunk))]
         with torch.no_grad(), gathered_weights(model):
             yield chunk, generate(model, [tok.encode(s["prompt"]) for s in chunk], g.max_new_tokens,
                                   temperature=g.temperature, num_samples=k, eos_token_id=tok.eos_ids,
-                                  seed=derive_seed(seed, "chunk", i), pad_token_id=tok.pad_id)
+                                  seed=seeds, pad_token_id=tok.pad_id)
 
 
 def collect_verified(model, tok, task, n_prompts: int, k: int, g: GRPOConfig, seed: int, d: Dist) -> list[dict]:

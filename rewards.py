@@ -129,7 +129,7 @@ def math_reward(completion: str, gold: str) -> float:
     return 1.0
 
 
-# A binary + - * \u00d7 \u00b7 \u00f7 (or \\times ...) between operands; '/' and '^' are not: 1/2 and 10^5 write a number.
+# A plus, minus, times or divide sign between two operands; '/' and '^' are not: 1/2 and 10^5 write a number.
 _ARITHMETIC = re.compile(r"(?:[\d)}\]]|\\pi)\s*"                                   # an operand's end
                          r"(?:[-+*\u00d7\u00b7\u22c5\u00f7\u2212]|\\times|\\cdot|\\div)"  # the operator
                          r"\s*[\d(\[{\\.]")                                            # the next operand

@@ -290,3 +290,26 @@ def test_all_runs_every_stage_and_prints_one_table(tmp_path, monkeypatch, capsys
         assert math.isfinite(r["rm_score"])
     table = capsys.readouterr().out
     assert "rm_score" in table and "distill_zero" in table
+
+
+def test_sampled_data_does_not_depend_on_the_rank_count():
+    """sft, rs and distill sample their data in rank shares; each prompt is seeded by its index, so
+    two ranks' shares hold what one process samples."""
+    from model import Transformer, preset
+    from runtime import Dist
+    from tokenizer import build_char_tokenizer
+    task = toy.ToyArithmetic()
+    tok = build_char_tokenizer(task.alphabet())
+    torch.manual_seed(0)
+    model = Transformer(preset("micro", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+                               pad_token_id=tok.pad_id))
+    stream = task.train_samples(0)
+    samples = [next(stream) for _ in range(5)]
+    g = recipe.GRPOConfig(max_new_tokens=6)
+
+    def texts(d):
+        return {(s["prompt"], j): roll.tokens[p * 2 + j]
+                for chunk, roll in recipe.sample_share(model, tok, samples, 2, g, 7, d)
+                for p, s in enumerate(chunk) for j in range(2)}
+    one = texts(Dist())
+    assert one == {**texts(Dist(rank=0, world=2)), **texts(Dist(rank=1, world=2))}
