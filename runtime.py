@@ -406,24 +406,27 @@ class StageRun:
         if self.d.main:
             print(f"[{self.name}] {text}", flush=True)
 
+    def _write(self, write, path: Path) -> None:
+        """`write()` (every rank calls it, rank 0 writes); a full disk stops every rank with one line."""
+        failed = ""
+        try:
+            write()
+        except WriteError as e:
+            failed = str(e)
+        if self.d.all_reduce(1.0 if failed else 0.0, "max"):
+            raise UserError(failed or f"rank 0 could not write {path} (the disk is full); free some space "
+                                      "and rerun")
+
     def save_state(self, model, optimizer, tok, state: dict) -> None:
         if self.settings is not None:
             state = {**state, "settings": self.settings}
-        try:
-            save_trainer_state(self.ckpt, model, optimizer, state, tok, main=self.d.main)
-        except WriteError as e:
-            raise UserError(str(e)) from None
+        self._write(lambda: save_trainer_state(self.ckpt, model, optimizer, state, tok, main=self.d.main), self.ckpt)
         self.saved_step = state["step"]
-        self.d.barrier()
 
     def save_model(self, model, tok) -> Path:
         """The stage's result, <dir>/model (a reward model's directory for a RewardModel)."""
         path = self.dir / "model"
-        try:
-            save_model(model, tok, path, main=self.d.main)
-        except WriteError as e:
-            raise UserError(str(e)) from None
-        self.d.barrier()
+        self._write(lambda: save_model(model, tok, path, main=self.d.main), path)
         self.print(f"wrote {path}")
         return path
 
