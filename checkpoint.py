@@ -64,6 +64,8 @@ class WriteError(OSError):
 
 
 def _fsync(path: Path) -> None:
+    if os.name == "nt" and Path(path).is_dir():  # Windows cannot open a directory to fsync it
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

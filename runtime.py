@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import errno
-import fcntl
 import itertools
 import json
 import math
@@ -30,6 +29,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
+
+try:
+    import fcntl  # POSIX; on Windows stage directories are not locked
+except ImportError:
+    fcntl = None
 
 import tasks
 from checkpoint import (RM_MARKER, TRAINER_STATE, WriteError, config_from_hf, has_trainer_state, load_pretrained,
@@ -232,7 +236,7 @@ def lock_dir(path: Path) -> bool:
     holds it. The kernel drops the lock when the process ends, killed or not; `release_locks` drops
     it earlier (train.main, on its way out). Taking it again in the same process is a no-op."""
     key = str(Path(path).resolve())
-    if key in _LOCKS:
+    if key in _LOCKS or fcntl is None:
         return True
     Path(path).mkdir(parents=True, exist_ok=True)
     f = open(Path(path) / LOCK_FILE, "a")
