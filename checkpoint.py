@@ -1,8 +1,9 @@
 """Checkpoints: Hugging Face layout in and out, trainer state for resume, the reward model's files.
 
-Three kinds of directory, each written whole or not at all (`atomic_dir`: into a temporary sibling
-that then takes the place of the old one, so a crash never leaves a half-written checkpoint where a
-good one was):
+Three kinds of directory, each written whole or not at all (`atomic_dir`: into a temporary sibling,
+fsynced, that then takes the place of the old one, so a crash never leaves a half-written checkpoint
+where a good one was; `recover_dir` undoes what a kill in the middle of the swap leaves, and a full
+disk is a `WriteError` with the old directory untouched):
 
 - a model (`load_pretrained` / `save_pretrained`): the Hugging Face layout, `config.json`,
   `model.safetensors` (or shards `model-0000k-of-0000n.safetensors` with
@@ -28,9 +29,12 @@ Llama-3's are refused with an error; weights are cast to the requested dtype on 
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
 import shutil
+import signal
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,30 +53,122 @@ TRAINER_STATE = "trainer_state.pt"
 
 # --- one atomic directory write -------------------------------------------------------------------
 
+# A test hook: when this environment variable names a directory (e.g. "ckpt"), the process kills
+# itself (SIGKILL) between the two renames of the next swap that replaces such a directory, so a
+# test can check `recover_dir` on exactly what a kill there leaves behind.
+KILL_BETWEEN_RENAMES = "R1_TEST_KILL_BETWEEN_RENAMES"
+
+
+class WriteError(OSError):
+    """A checkpoint could not be written (a full disk); the previous one is untouched."""
+
+
+def _fsync(path: Path) -> None:
+    if os.name == "nt" and Path(path).is_dir():  # Windows cannot open a directory to fsync it
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file under `root`, then every directory, on disk: a rename after it never points at
+    data still in the page cache."""
+    for dirpath, _, files in os.walk(root, topdown=False):
+        for f in files:
+            _fsync(Path(dirpath) / f)
+        _fsync(Path(dirpath))
+
+
+def _write_failed(e: Exception) -> bool:
+    """A full disk: ENOSPC from Python, or the RuntimeError torch.save's zip writer raises for it
+    ("[enforce fail at inline_container.cc] ... file write failed" / "unexpected pos")."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in ("inline_container", "file write failed",
+                                                                     "unexpected pos"))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path):
-    """Yield an empty temporary sibling of `path` to write into; when the block ends without an
-    exception it takes the place of `path` (renames only: `path` is whole before and after),
-    otherwise it is deleted and `path` is left as it was."""
+    """Yield an empty temporary sibling `path.tmp-PID` to write into; when the block ends without an
+    exception its files are fsynced and it takes the place of `path`: `path` -> `path.old-PID`, then
+    the temporary -> `path`, then the old one is deleted. A kill at any point leaves either `path`
+    whole or, between the two renames, `path.old-PID` whole; `recover_dir` puts that back. On an
+    exception the temporary is deleted and `path` is left as it was; a full disk raises WriteError."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        yield tmp
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+        except (OSError, RuntimeError) as e:
+            if not _write_failed(e):
+                raise
+            why = str(e).splitlines()[0][:120]
+            raise WriteError(errno.ENOSPC, f"writing {path} failed, the disk is full ({why}); free some space "
+                                           f"and rerun: the previous {path.name} is untouched") from None
         old = path.with_name(f"{path.name}.old-{os.getpid()}")
         if path.exists():
             os.replace(path, old)
+            if os.environ.get(KILL_BETWEEN_RENAMES) == path.name:
+                os.kill(os.getpid(), signal.SIGKILL)
         os.replace(tmp, path)
+        _fsync(path.parent)  # both renames on disk before the old copy goes
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless the block failed
 
 
+def recover_dir(path: Path) -> None:
+    """Put `path` back in order after a kill inside `atomic_dir`: with `path` missing, the newest
+    `path.old-*` (whole: it was moved aside only after its replacement was written) is renamed back;
+    then every `path.tmp-*` and `path.old-*` left over is deleted. Call it only while no other process
+    writes `path` (runtime.StageRun holds the stage directory's lock)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    pattern = glob.escape(path.name)
+    olds = sorted(path.parent.glob(f"{pattern}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not path.exists() and olds:
+        os.replace(olds.pop(), path)
+    for p in olds + list(path.parent.glob(f"{pattern}.tmp-*")):
+        shutil.rmtree(p, ignore_errors=True)
+    _fsync(path.parent)
+
+
 # --- HF config.json <-> ModelConfig ---------------------------------------------------------------
+
+def read_json(path: Path) -> dict:
+    """A JSON object file, or ValueError naming the file (not JSON, not an object, too deep)."""
+    try:
+        blob = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:100]
+        raise ValueError(f"{path}: not valid JSON ({why}); restore the file from the checkpoint's source") from None
+    if not isinstance(blob, dict):
+        raise ValueError(f"{path}: a JSON {type(blob).__name__}, not an object; restore the file from the "
+                         "checkpoint's source")
+    return blob
+
 
 def config_from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
     """ModelConfig from an HF config.json dict; unsupported features are refused, naming `source`."""
+    try:
+        return _config_from_hf(cfg, source)
+    except KeyError as e:
+        raise ValueError(f"{source}: no {e.args[0]!r}; an HF config.json needs vocab_size, hidden_size, "
+                         "intermediate_size, num_hidden_layers and num_attention_heads") from None
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"{source}: a value has the wrong type ({e}); compare it with the model's "
+                         "original config.json") from None
+
+
+def _config_from_hf(cfg: dict, source: str) -> ModelConfig:
     mt = cfg.get("model_type")
     if mt not in MODEL_TYPES:
         raise ValueError(f"{source}: model_type {mt!r} is not supported; this project loads "
@@ -160,7 +256,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = sorted(set(read_json(index).get("weight_map", {}).values()))
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -170,7 +266,11 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     for f in files:
         if not (path / f).is_file():
             raise FileNotFoundError(f"{path / f} is listed in the index but missing; re-download the shard")
-        out.update(load_file(str(path / f)))
+        try:
+            out.update(load_file(str(path / f)))
+        except Exception as e:  # safetensors raises its own SafetensorError (truncated, garbled)
+            raise ValueError(f"{path / f}: not a readable safetensors file ({str(e).splitlines()[0][:100]}); "
+                             "it may be truncated: copy or download it again") from None
     return out
 
 
@@ -185,7 +285,7 @@ def load_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu") -> T
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} not found; an HF-layout checkpoint needs config.json")
-    cfg = config_from_hf(json.loads(cfg_file.read_text()), source=str(cfg_file))
+    cfg = config_from_hf(read_json(cfg_file), source=str(cfg_file))
     with torch.device("meta"):
         model = Transformer(cfg)
     tensors = read_safetensors(path)

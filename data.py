@@ -75,6 +75,9 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
                                 "write one JSON object per line") from None
+            except RecursionError:  # json's decoder recurses once per nesting level
+                raise DataError(f"{path}:{lineno}: JSON nested too deeply to read; write one flat object "
+                                "per line") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}; "
                                 'write {"key": value, ...} per line')

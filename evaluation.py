@@ -39,8 +39,9 @@ def evaluate(model, tok, samples: list[dict], max_new_tokens: int, k: int = 1, s
     with torch.no_grad(), gathered_weights(model):
         greedy = generate(model, prompts, max_new_tokens, temperature=0.0, eos_token_id=tok.eos_ids,
                           pad_token_id=tok.pad_id) if prompts else None
+        seeds = [derive_seed(seed, d.rank + j * d.world) for j in range(len(mine))]  # by global index: any rank count
         sampled = (generate(model, prompts, max_new_tokens, temperature=temperature, num_samples=k,
-                            eos_token_id=tok.eos_ids, seed=seed, pad_token_id=tok.pad_id)
+                            eos_token_id=tok.eos_ids, seed=seeds, pad_token_id=tok.pad_id)
                    if prompts and k > 1 else None)
     for i, s in enumerate(mine):
         text = completion_text(tok, greedy.tokens[i])

@@ -459,19 +459,23 @@ def sequence_logprobs(model, input_ids, kv_start, temperature: float, micro_batc
 
 def train_rl(policy, ref, tok, draw_prompts: Callable[[int], list[dict]], reward_fn: RewardFn,
              cfg: GRPOConfig, lcfg: LossConfig, optimizer, *, start: int = 0, seed: int = 0, rank: int = 0,
-             world: int = 1, all_reduce=None) -> Iterator[dict]:
+             world: int = 1, all_reduce=None, prompt_index: list[int] | None = None) -> Iterator[dict]:
     """GRPO (DeepSeekMath Algorithm 1) from step `start` to `cfg.steps`: yields each step's stats.
 
     policy: the model trained; ref: the frozen reference policy (None without a KL term). tok:
     encode/decode/eos_ids/pad_id. draw_prompts(n) -> this rank's next n sample dicts. reward_fn:
-    see `RewardFn`. The learning rate warms up linearly, then stays constant. Each step's rollout
-    seed is a function of (seed, step, rank), so a run resumed at `start` samples what the
-    uninterrupted run did. The caller logs, evaluates and checkpoints between steps (runtime.fit).
+    see `RewardFn`. The learning rate warms up linearly, then stays constant. Each prompt's rollout
+    seed is a function of (seed, step, its index in the step's global batch: `prompt_index`, this
+    rank's indices, default its contiguous share rank * n ... rank * n + n - 1), so a run resumed at
+    `start` samples what the uninterrupted run did, and W ranks sample what one process does.
+    The caller logs, evaluates and checkpoints between steps (runtime.fit).
     """
+    n = cfg.prompts_per_step // world
+    index = prompt_index if prompt_index is not None else range(rank * n, rank * n + n)
     for step in range(start, cfg.steps):
+        seeds = [derive_seed(seed, "rollout", step, i) for i in index]
         row = rl_step(policy, ref, tok, draw_prompts, reward_fn, cfg, lcfg, optimizer,
-                      lr=warmup_lr(step, cfg.lr, cfg.warmup), seed=derive_seed(seed, "rollout", step, rank),
-                      world=world, all_reduce=all_reduce)
+                      lr=warmup_lr(step, cfg.lr, cfg.warmup), seed=seeds, world=world, all_reduce=all_reduce)
         row["gen_tok_per_s"] = row["gen_tokens"] / max(row["gen_time"], 1e-9)
         # completion tokens trained on per second (each of the mu passes counts)
         row["train_tok_per_s"] = row["gen_tokens"] * cfg.mu / max(row["train_time"], 1e-9)
@@ -493,8 +497,9 @@ def rl_step(policy, ref, tok, draw_prompts, reward_fn: RewardFn, cfg: GRPOConfig
     t1 = time.perf_counter()
     stats = policy_update(policy, batch, cfg, lcfg, optimizer, lr, world, all_reduce)
     stats.update(info, lr=lr, gen_time=gen_time, train_time=time.perf_counter() - t1)
-    if all_reduce is not None:  # average every stat over ranks; token counts are summed
-        stats = {k: (all_reduce(v) if k == "gen_tokens" else all_reduce(v) / world) for k, v in stats.items()}
+    if all_reduce is not None:  # average every stat over ranks; token and prompt counts are summed
+        stats = {k: (all_reduce(v) if k in ("gen_tokens", "prompts_drawn") else all_reduce(v) / world)
+                 for k, v in stats.items()}
     return stats
 
 

@@ -7,7 +7,8 @@
 - RL stages: linear warm-up, then constant (`warmup_lr`); DeepSeekMath §4.2 trains its policy at a
   constant 1e-6.
 - `clip_and_step`: the global gradient-norm clip, then the step; a non-finite loss or gradient
-  norm drops the gradient and raises instead, so a blown-up step is never applied.
+  norm drops the gradient and raises instead, so a blown-up step is never applied, and parameters
+  that a finite step made non-finite (an absurd learning rate) raise too, before anything saves them.
 
 Imports torch only: grpo.py, sft.py and reward_model.py share this one step.
 """
@@ -48,7 +49,7 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_
                   loss: float = 0.0) -> float:
     """Clip the global gradient norm to `max_grad_norm`, step, zero the gradients; return the norm
     before clipping. On a non-finite `loss` or norm: drop the gradient and raise FloatingPointError
-    (the caller stops without saving)."""
+    (the caller stops without saving); also when the step left a parameter non-finite."""
     gn = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)  # a DTensor under FSDP2
     if not math.isfinite(grad_norm) or not math.isfinite(loss):
@@ -56,7 +57,24 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_
         raise FloatingPointError(f"loss {loss}, gradient norm {grad_norm}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if not parameters_finite(model):
+        raise FloatingPointError(f"parameters non-finite after the step (gradient norm {grad_norm})")
     return grad_norm
+
+
+def parameters_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter is finite: one float64 sum over all of them (inf - inf and NaN both
+    make it NaN, and float64 cannot overflow on float32 values), so one sync. Under FSDP2 each rank
+    sums its own shards and the sums are added over ranks, so every rank gets the same answer."""
+    total, sharded = torch.zeros((), dtype=torch.float64), False
+    for p in model.parameters():
+        x = p.detach()
+        if hasattr(x, "to_local"):  # a DTensor shard (FSDP2)
+            x, sharded = x.to_local(), True
+        total = total.to(x.device) + x.sum(dtype=torch.float64)
+    if sharded:
+        torch.distributed.all_reduce(total)
+    return bool(torch.isfinite(total))
 
 
 def check_training(name: str, cfg) -> None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,8 +50,8 @@ from reward_model import RMConfig
 from rewards import (DEFAULT_WEIGHTS, STAGE2_WEIGHTS, accuracy_reward, format_reward, language_reward, load_rewards,
                      rule_reward)
 from rollout import completion_text, derive_seed, gathered_weights, generate
-from runtime import (Dist, ExampleStream, StageRun, UserError, cosine_lr, find_model, fit, get_task,
-                     load_frozen_rm, load_model, resolve_dtype, shard, supervised_steps)
+from runtime import (Dist, ExampleStream, StageRun, UserError, check_prompts, cosine_lr, find_model, fit,
+                     get_task, load_frozen_rm, load_model, resolve_dtype, shard, supervised_steps)
 from sft import SFTConfig
 from tokenizer import Tokenizer, build_char_tokenizer
 from toy import EOS_TEXT, ToyConfig
@@ -104,6 +104,9 @@ class RunConfig:
     student_model: str = _setting("toy-small", "distill: the student's model preset")
     student_steps: int = _setting(600, "distill: pretraining steps of the student base, if missing (its "
                                        "other settings: pretrain's defaults, then the training flags given)")
+    restart: bool = _setting(False, "start the stages over: their checkpoints (ckpt/) are deleted, even one of "
+                                    "other settings or of a finished stage")
+    dist_timeout: float = _setting(300.0, "torchrun: seconds a rank waits for the others before the job fails")
 
     def __post_init__(self):
         counts = ("ckpt_every", "eval_n", "k", "sft_prompts", "sft_samples", "rm_eval_pairs", "rs_prompts",
@@ -112,7 +115,14 @@ class RunConfig:
         bad += [f"--{n} {getattr(self, n)}" for n in ("eval_every", "threads") if getattr(self, n) < 0]
         if bad:
             raise ValueError(f"{', '.join(bad)}: counts must be at least 1 (--eval_every and --threads: "
-                             "at least 0)")
+                             "at least 0, 0 meaning never / torch's default)")
+        for name, value, choices in (("device", self.device, ("auto", "cpu", "cuda")),
+                                     ("dtype", self.dtype, ("auto", "float32", "bfloat16"))):
+            if value not in choices:
+                raise ValueError(f"--{name} {value!r}: use {', '.join(choices)}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"--dist_timeout {self.dist_timeout}: give the seconds a rank waits, above 0 "
+                             "(default 300)")
         if self.reward:
             load_rewards(self.reward)  # a bad path or function fails here, before any stage runs
         if not 0 <= self.general_frac <= 1 or not 0 < self.rs_reasoning_frac <= 1:
@@ -135,6 +145,67 @@ CONFIGS = {"run": RunConfig, "sft": SFTConfig, "grpo": GRPOConfig, "loss": LossC
            "toy": ToyConfig}
 
 
+# --- what shapes a stage's result (runtime.StageRun compares it with a checkpoint's) ------------------
+
+# RunConfig fields that never shape a result: where and how fast it runs, how often it saves.
+# --micro_batch (memory only) is left out too; --device and the number of ranks are, so that a
+# checkpoint resumes on another machine or rank count (tests/test_train.py).
+NOT_SHAPING = ("stage", "out", "device", "threads", "ckpt_every", "runs", "k", "restart", "dist_timeout",
+               "micro_batch")
+# RunConfig fields only some stages read (by StageRun name); any other field shapes every stage.
+RL_RUNS = ("zero", "grpo", "rl", "distill_zero")
+RUN_FIELDS_OF = {
+    "model": ("pretrain", "student_base"), "eval_n": RL_RUNS, "eval_every": RL_RUNS, "data": ("sft", "rm"),
+    "w_accuracy": RL_RUNS, "w_format": RL_RUNS, "w_language": ("grpo", "rl"),
+    "sft_prompts": ("sft",), "sft_samples": ("sft",), "teacher": ("rs", "distill"),
+    "reward_model": ("rs", "rl"), "rm_eval_pairs": ("rm",), "rs_prompts": ("rs",),
+    "rs_samples": ("rs", "distill"), "rs_reasoning_frac": ("rs",), "general_frac": ("rl",),
+    "distill_prompts": ("distill",), "student_model": ("distill",), "student_steps": ("distill",)}
+SAMPLING = ("max_new_tokens", "temperature", "top_p")  # GRPOConfig fields the SFT stages sample with
+
+
+def shaping(c: dict, name: str) -> dict:
+    """{flag: value} of the settings that shape the result of the StageRun `name` (a stage, or
+    distill's student_base / distill_zero): its training config, the loss for RL, the toy's settings
+    for the toy, and the RunConfig fields it reads, less NOT_SHAPING."""
+    out = {}
+    def add(cfg, prefix="", only=None):
+        for k, v in asdict(cfg).items():
+            if k not in NOT_SHAPING and (only is None or k in only):
+                out[prefix + k] = v
+    run = c["run"]
+    add(run, only=[k for k in asdict(run) if name in RUN_FIELDS_OF.get(k, (name,))])
+    if name in RL_RUNS:
+        add(c["grpo"])
+        add(c["loss"])
+    elif name == "rm":
+        add(c["rm"], "rm_")
+    else:
+        add(c["sft"])
+        if name in ("sft", "rs", "distill"):
+            add(c["grpo"], only=SAMPLING)
+    if run.task == "toy":
+        add(c["toy"])
+    return out
+
+
+def check_stage(c: dict, stage: str) -> None:
+    """The combinations a stage refuses before it runs (a UserError naming the flag and the fix)."""
+    primary = c["grpo"] if stage in RL_STAGES else c["rm"] if stage == "rm" else c["sft"]
+    trains = stage in RL_STAGES + SFT_STAGES + ("rm",)
+    if trains and primary.steps < 1:
+        flag = "--rm_steps" if stage == "rm" else "--steps"
+        raise UserError(f"{flag} {primary.steps}: stage {stage} would train nothing; give at least 1")
+    if stage in RL_STAGES + ("distill",):  # distill's baseline is GRPO too
+        g = c["grpo"]
+        if g.group_size < 2:
+            raise UserError(f"--group_size {g.group_size}: GRPO scores each sample against its group, so a "
+                            "group of 1 has no advantage and the model never changes; use at least 2 (default 8)")
+        if g.temperature <= 0:
+            raise UserError(f"--temperature {g.temperature}: greedy sampling makes a group's samples alike, so "
+                            "every advantage is 0; use a temperature above 0 (default 1.0)")
+
+
 def stage_configs(args: dict[str, dict], stage: str) -> dict:
     """The resolved settings of one stage: class defaults < the stage's defaults < `args` (the
     command line's {config key: {field: value}}). Raises UserError for a value a config refuses."""
@@ -147,9 +218,10 @@ def stage_configs(args: dict[str, dict], stage: str) -> dict:
         if stage == "distill":  # the student base, pretrained by distill when missing
             c["student"] = SFTConfig(**{**SFT_STAGE_DEFAULTS["pretrain"], **args.get("sft", {}),
                                         "steps": run.student_steps})
-        return c
     except ValueError as e:
         raise UserError(str(e)) from None
+    check_stage(c, stage)
+    return c
 
 
 # --- a model trained from scratch ---------------------------------------------------------------
@@ -172,10 +244,16 @@ def run_sft(c: dict, d: Dist, name: str, model, tok, examples: list, first_row: 
     run, scfg = c["run"], c["sft"]
     if scfg.batch_size % d.world:
         raise UserError(f"--batch_size {scfg.batch_size} must be a multiple of the {d.world} ranks")
+    longest, ctx = max((len(ids) for ids, _ in examples), default=0), model.cfg.max_seq_len
+    if longest > ctx:  # found now, not when the example is drawn
+        raise UserError(f"--max_len {scfg.max_len}: an example keeps {longest} tokens, more than the model's "
+                        f"context of {ctx}; lower --max_len to at most {ctx}")
     model = shard(model, d)
     opt = make_optimizer(model, scfg.lr, scfg.weight_decay)
-    sr = StageRun(run.out, name, d, run.ckpt_every, c)
+    sr = StageRun(run.out, name, d, run.ckpt_every, c, shaping(c, name), run.restart)
     state = sr.resume(model, opt)
+    if sr.finished:
+        return sr.result()
     if first_row and sr.start == 0:
         sr.metrics.log({"step": 0, **first_row})
     stream = ExampleStream(examples, run.seed, state.get("pos", 0))
@@ -218,6 +296,15 @@ class PromptStream:
         n_gen = self.n_general // self.d.world
         return self._take(0, n - n_gen) + self._take(1, n_gen)
 
+    def index(self) -> list[int]:
+        """The indices of this rank's prompts of a full step in the one-process batch (reasoning
+        prompts first, then general ones), whatever the number of ranks: what seeds their rollouts."""
+        n, r = self.per_step // self.d.world, self.d.rank
+        n_gen = self.n_general // self.d.world if self.streams[1] is not None else 0
+        n_rsn = n - n_gen
+        return ([r * n_rsn + i for i in range(n_rsn)]
+                + [self.per_step - self.n_general + r * n_gen + i for i in range(n_gen)])
+
 
 RL_KEYS = ("reward", "reward/accuracy", "reward/format", "reward/language", "reward/rm", "response_length",
            "kl", "clip_frac", "entropy", "is_logw_abs_mean", "eval/accuracy", "gen_tok_per_s", "train_tok_per_s")
@@ -242,10 +329,13 @@ def run_rl(c: dict, d: Dist, name: str, src: Path, reward_fn: RewardFn, prompts:
         ref = shard(ref.requires_grad_(False), d)
     policy = shard(policy, d)
     opt = make_optimizer(policy, g.lr, g.weight_decay)
-    sr = StageRun(run.out, name, d, run.ckpt_every, c)
+    sr = StageRun(run.out, name, d, run.ckpt_every, c, shaping(c, name), run.restart)
     prompts.restore(sr.resume(policy, opt))
+    if sr.finished:
+        return sr.result()
     steps = grpo.train_rl(policy, ref, tok, prompts.draw, reward_fn, g, lcfg, opt, start=sr.start,
-                          seed=run.seed, rank=d.rank, world=d.world, all_reduce=d.sum_fn())
+                          seed=run.seed, rank=d.rank, world=d.world, all_reduce=d.sum_fn(),
+                          prompt_index=prompts.index())
     result = fit(sr, policy, opt, tok, steps, g.steps, loop_state=prompts.state, keys=RL_KEYS,
                  evaluate=lambda: evaluate(policy, tok, eval_set, g.max_new_tokens, d=d),
                  eval_every=run.eval_every, time_budget=time_budget)
@@ -258,6 +348,7 @@ def rule_rl(c: dict, d: Dist, name: str, src: Path, weights: dict, time_budget: 
     general prompts, distill's baseline)."""
     run, g = c["run"], c["grpo"]
     task = get_task(run, c["toy"])
+    check_prompts(task, src, g.max_new_tokens)
     prompts = PromptStream(lambda start: task.train_samples(run.seed, start=start), d, g.prompts_per_step)
     return run_rl(c, d, name, src, stage_reward(run, weights), prompts, task.eval_samples(run.eval_n), time_budget)
 
@@ -284,14 +375,16 @@ SAMPLE_CHUNK = 64  # prompts per generate call when sampling data (memory: chunk
 
 def sample_share(model, tok, samples: list, k: int, g: GRPOConfig, seed: int, d: Dist):
     """This rank's share of `samples`, k completions each, SAMPLE_CHUNK prompts per `generate` call:
-    yields (chunk of samples, its Rollout; completion j answers chunk[j // k])."""
+    yields (chunk of samples, its Rollout; completion j answers chunk[j // k]). Each prompt's seed
+    comes from its index in `samples`, so any number of ranks samples the same completions."""
     mine = samples[d.rank::d.world]
     for i in range(0, len(mine), SAMPLE_CHUNK):
         chunk = mine[i:i + SAMPLE_CHUNK]
+        seeds = [derive_seed(seed, "prompt", d.rank + (i + j) * d.world) for j in range(len(chunk))]
         with torch.no_grad(), gathered_weights(model):
             yield chunk, generate(model, [tok.encode(s["prompt"]) for s in chunk], g.max_new_tokens,
                                   temperature=g.temperature, num_samples=k, eos_token_id=tok.eos_ids,
-                                  seed=derive_seed(seed, "chunk", i), pad_token_id=tok.pad_id)
+                                  seed=seeds, pad_token_id=tok.pad_id)
 
 
 def collect_verified(model, tok, task, n_prompts: int, k: int, g: GRPOConfig, seed: int, d: Dist) -> list[dict]:
@@ -446,8 +539,10 @@ def stage_rm(c: dict, d: Dist) -> None:
     backbone, tok = load_model(find_model(run, run.init, "--init DIR", "rm", "pretrain"), run, d)
     rm = shard(rmod.init_reward_model(backbone), d)
     opt = make_optimizer(rm, rcfg.lr, rcfg.weight_decay)
-    sr = StageRun(run.out, "rm", d, run.ckpt_every, c)
+    sr = StageRun(run.out, "rm", d, run.ckpt_every, c, shaping(c, "rm"), run.restart)
     stream = ExampleStream(train_pairs, run.seed, sr.resume(rm, opt).get("pos", 0))
+    if sr.finished:
+        return
 
     def step(batch, lr):
         return rmod.rm_step(rm, opt, batch, tok, rcfg, lr, d.rank, d.world, d.sum_fn())
@@ -576,6 +671,17 @@ def stage_distill(c: dict, d: Dist) -> None:
         print(format_table([{"model": k, **v} for k, v in evals.items()], "model",
                            ["accuracy", "format", "response_length"]), flush=True)
         print(f"[distill] wrote {sdir / 'comparison.json'}", flush=True)
+
+
+def run_stage(stage: str, c: dict, d: Dist) -> None:
+    """RUNNERS[stage], unless its checkpoint says it is already done with these settings (or was made
+    with others: refused) before the stage samples data or loads teachers. distill checks each of its
+    three runs itself."""
+    run = c["run"]
+    if stage in SFT_STAGES + RL_STAGES + ("rm",) and stage != "distill":
+        if StageRun(run.out, stage, d, run.ckpt_every, c, shaping(c, stage), run.restart).peek():
+            return
+    RUNNERS[stage](c, d)
 
 
 RUNNERS = {"pretrain": stage_pretrain, "zero": stage_zero, "sft": stage_sft, "grpo": stage_grpo,

@@ -31,6 +31,9 @@ Departures and choices the report does not make (it gives no rules beyond the se
 - Countdown's expression has binary + - * / and parentheses only (the game has no other moves):
   no unary minus, no '**', '//', decimals or juxtaposition; it is read here, capped by MAX_COUNTDOWN_*.
 - Tags are matched case-insensitively for ASCII only when looking for a second, miscased tag.
+- Against reward hacking: a gold that is a number is paid only for a number ("68+44" for 112
+  echoes the question; "3 * 24 = 72" still pays 72), blocks of invisible characters (zero-width,
+  fillers) are blank, and words count in any markup ($...$, `...`, \\text{}) and letter form.
 - Language is told by Unicode script (English and French are both Latin); the prompt's language is
   its dominant script; a CoT over MAX_LANGUAGE_CHARS is scored on evenly spaced windows.
 - The "general" task (stages 3-4 of the toy) gets a rule reward too: the answer is one of a list.
@@ -104,7 +107,13 @@ def format_reward(completion: str) -> float:
 
 
 def _blank(text: str) -> bool:
-    return not text or text.isspace()
+    """Empty, or only characters that show nothing: whitespace, zero-width and other format
+    characters (U+200B..U+200F, U+2060..U+206F, U+FEFF, ...), variation selectors, fillers."""
+    return not text or _INVISIBLE.fullmatch(text) is not None
+
+
+_INVISIBLE = re.compile("[\\s\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202f"
+                        "\u205f-\u206f\u2800\u3000\u3164\ufe00-\ufe0f\ufeff\uffa0\U000e0000-\U000e0fff]+")
 
 
 # --- accuracy -------------------------------------------------------------------------------------
@@ -119,7 +128,18 @@ def math_reward(completion: str, gold: str) -> float:
     if want is None or text is None:
         return 0.0
     got = parse_choice(text) if want[0] == "choice" else parse_answer(text)
-    return 1.0 if got == want else 0.0
+    if got != want:
+        return 0.0
+    # a gold that is a number wants a number: "68+44" for 112 echoes the question, it answers nothing
+    if want[0] != "choice" and not _ARITHMETIC.search(gold) and _ARITHMETIC.search(text.rsplit("=", 1)[-1]):
+        return 0.0
+    return 1.0
+
+
+# A plus, minus, times or divide sign between two operands; '/' and '^' are not: 1/2 and 10^5 write a number.
+_ARITHMETIC = re.compile(r"(?:[\d)}\]]|\\pi)\s*"                                   # an operand's end
+                         r"(?:[-+*\u00d7\u00b7\u22c5\u00f7\u2212]|\\times|\\cdot|\\div)"  # the operator
+                         r"\s*[\d(\[{\\.]")                                            # the next operand
 
 
 MAX_COUNTDOWN_CHARS = 200
@@ -227,7 +247,13 @@ def countdown_reward(completion: str, numbers: list[int], target: int) -> float:
 
 # --- language consistency ---------------------------------------------------------------------------
 
-_NOT_WORDS = re.compile(r"\$[^$]*\$|`[^`]*`|\\[A-Za-z]+")  # inline math, code, LaTeX commands
+# LaTeX's math commands are not words; any other command, and the words inside $...$, `...` and
+# \text{...}, are (English hidden in markup is still English).
+_NOT_WORDS = re.compile(r"\\(?:[dt]?frac|sqrt|times|cdot|div|pm|mp|leq?|geq?|neq?|approx|equiv|sim|[lc]?dots|"
+                        r"q?quad|left|right|[bB]ig[lr]?|text|math[a-z]+|boxed|circ|infty|pi|alpha|beta|gamma|"
+                        r"delta|theta|lambda|mu|sigma|phi|omega|sum|prod|int|lim|log|ln|sin|cos|tan|exp|min|max|"
+                        r"p?mod|binom|overline|underline|hat|bar|vec|in|notin|subset|cup|cap|to|[rR]ightarrow|"
+                        r"implies|iff|because|therefore|angle|triangle|degree|displaystyle)(?![A-Za-z])")
 _LETTER_RUN = re.compile(r"[^\W\d_]+")
 # Scripts written without spaces count one unit per character (Unicode blocks; kana includes ー).
 _PER_CHAR = {"HAN": re.compile("[\u3005\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]"),
@@ -257,10 +283,13 @@ def _sample_text(text: str) -> str:
 
 def script_units(text: str) -> dict[str, int]:
     """Word units per script: one per CJK ideograph, kana or Hangul syllable, one per letter run
-    elsewhere (in the script of its first letter). Math ($...$), code (`...`), LaTeX commands,
-    digits and punctuation are ignored, and so are single Latin or Greek letters (variables)."""
+    elsewhere (in the script of its first letter). Words count wherever they are, inside math
+    ($...$), code (`...`) and markup too, and in any form (math-bold letters are letters); LaTeX's
+    math commands, digits and punctuation are ignored, and so are single Latin or Greek letters
+    (variables)."""
     counts: dict[str, int] = {}
-    text = _NOT_WORDS.sub(" ", _sample_text(text))
+    # NFKC: mathematical alphanumerics (U+1D400..) and fullwidth letters become the plain letters
+    text = _NOT_WORDS.sub(" ", unicodedata.normalize("NFKC", _sample_text(text)))
     for script, pattern in _PER_CHAR.items():
         text, n = pattern.subn(" ", text)
         if n:

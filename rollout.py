@@ -32,8 +32,11 @@ Departures and choices:
 - Static batch, no continuous batching or paged cache (vLLM): rows that finish keep running until
   fewer than 3/4 of the batch is alive, then the batch is compacted with `KVCache.select`, which
   copies the shared prompt slots into the rows it keeps (from then on a plain per-row cache).
-- The random stream is shared by the batch, so a sample's tokens depend on the seed *and* on the
-  other rows (compaction changes the shape of each draw). Same inputs + same seed = same rollout.
+- Each prompt has its own random stream (`seed` per prompt, or derive_seed(seed, i) for prompt i),
+  drawn up front as one uniform per sample and step (`_uniforms`), so a sample's tokens depend on
+  its prompt's seed and its logits only, not on the other rows in the batch: the trainer seeds each
+  prompt by its index in the global batch, and a rollout split over ranks is the one-process rollout
+  (up to float rounding of the logits). Same inputs + same seed = same rollout.
 - A completion ends at an end-of-sequence id or at max_new_tokens; there are no stop strings.
 - top-k keeps every token tied with the k-th largest logit (no tie-breaking).
 - The longest prompt plus max_new_tokens must fit in the model's context (`cfg.max_seq_len`).
@@ -77,6 +80,14 @@ class ContextError(ValueError):
     """A prompt plus max_new_tokens does not fit the model's context: the caller's input is wrong."""
 
 
+class NonFiniteLogits(FloatingPointError):
+    """The model's next-token scores are NaN or inf: its weights have blown up; nothing to sample."""
+
+    def __init__(self):
+        super().__init__("sampling: the model's logits are NaN or inf (its weights have blown up); "
+                         "use a checkpoint from before the blow-up")
+
+
 @dataclass
 class Rollout:
     """N = len(prompts) * num_samples completions, prompt-major (row i * G + j = sample j of prompt i)."""
@@ -110,9 +121,10 @@ def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return x if temperature in (0, 1) else x / temperature
 
 
-def _inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None,
+                 uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One draw per row from unnormalised weights (B, V) >= 0: the first token whose cumulative
-    weight exceeds u * total, u ~ U[0, 1).
+    weight exceeds u * total, u ~ U[0, 1) (`uniform` (B,) float64 if given, else from `generator`).
 
     One uniform per row instead of torch.multinomial's V exponentials per row, in two levels:
     cumulative sums over blocks of _CDF_BLOCK tokens pick the block, then a cumulative sum inside
@@ -125,8 +137,12 @@ def _inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> to
     blocks = F.pad(weights, (0, pad)).view(B, -1, _CDF_BLOCK)                          # (B, nb, bs)
     cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)                                # (B, nb)
     total = cdf[:, -1:]                                                                 # (B, 1)
+    if not bool(torch.isfinite(total).all()):  # NaN logits: searchsorted would run off the end
+        raise NonFiniteLogits()
     below = lambda x: torch.nextafter(x, torch.zeros_like(x))  # noqa: E731  largest double < x
-    u = torch.rand(total.shape, generator=generator, dtype=cdf.dtype, device=cdf.device) * total
+    u01 = (torch.rand(total.shape, generator=generator, dtype=cdf.dtype, device=cdf.device) if uniform is None
+           else uniform.to(cdf.dtype)[:, None])                                         # (B, 1)
+    u = u01 * total
     u = torch.minimum(u, below(total))                           # u < total after rounding
     blk = torch.searchsorted(cdf, u, right=True)                 # (B, 1) first block with cdf > u
     before = torch.where(blk > 0, cdf.gather(1, (blk - 1).clamp(min=0)), 0.0)         # (B, 1)
@@ -136,8 +152,10 @@ def _inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> to
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           generator: torch.Generator | None = None,
+           uniform: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from logits (B, V); return tokens (B,) and their logprobs (B,).
+    The randomness: one uniform per row, `uniform` (B,) if given, else drawn from `generator`.
 
     temperature 0 is greedy (argmax). top_k > 0 keeps the k largest logits; top_p < 1 keeps the
     smallest prefix of the sorted distribution whose mass reaches top_p (Holtzman et al. 2020).
@@ -146,7 +164,10 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     logp = _tempered(logits, temperature).log_softmax(-1)      # (B, V) what the trainer recomputes
     if temperature == 0:
         tokens = logp.argmax(-1)                                # (B,)
-        return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+        lp = logp.gather(-1, tokens[:, None]).squeeze(-1)       # (B,)
+        if not bool(torch.isfinite(lp).all()):                  # argmax of NaN is an arbitrary token
+            raise NonFiniteLogits()
+        return tokens, lp
     scores = logp
     if 0 < top_k < logp.shape[-1]:
         kth = torch.topk(logp, top_k, dim=-1).values[:, -1:]    # (B, 1)
@@ -157,7 +178,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
         mass_before = probs.cumsum(-1) - probs                    # (B, V) mass of strictly larger tokens
         sorted_scores = sorted_scores.masked_fill(mass_before >= top_p, float("-inf"))  # keeps rank 0
         scores = torch.empty_like(scores).scatter_(-1, order, sorted_scores)             # (B, V)
-    tokens = _inverse_cdf(scores.exp(), generator)              # (B,) exp(-inf) = 0: never drawn
+    tokens = _inverse_cdf(scores.exp(), generator, uniform)     # (B,) exp(-inf) = 0: never drawn
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -291,6 +312,19 @@ def _eos_tensor(eos_token_id, V: int, device) -> torch.Tensor | None:
     return torch.tensor(ids, dtype=torch.long, device=device)  # (E,)
 
 
+def _uniforms(seed, P: int, G: int, T: int, device) -> torch.Tensor:
+    """(P * G, T) float64 uniforms, row i * G + j for sample j of prompt i: prompt i's rows come from
+    its own generator, seeded with seed[i] (a list), derive_seed(seed, i) (an int), or from torch's
+    global RNG (None)."""
+    if seed is None:
+        seed = int(torch.randint(2 ** 62, (1,)).item())
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [derive_seed(seed, i) for i in range(P)]
+    if len(seeds) != P:
+        raise ValueError(f"generate: {len(seeds)} seeds for {P} prompts; pass one seed per prompt or one int")
+    return torch.cat([torch.rand(G, T, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                      for s in seeds]).to(device)                                      # (P * G, T)
+
+
 def _left_pad(prompts, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts -> ids (P, Tp) left-padded with `pad`, start (P,) = number of pads."""
     Tp = max(len(p) for p in prompts)
@@ -311,8 +345,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     """Sample `num_samples` completions of up to `max_new_tokens` tokens for each prompt.
 
     prompts: token-id lists of any lengths. temperature 0 is greedy. eos_token_id: an id, a list of
-    ids, or None (every row runs to max_new_tokens). seed: fixes the rollout; None draws one from
-    torch's global RNG. pad_token_id fills the padding of `Rollout.input_ids`. On CPU the whole
+    ids, or None (every row runs to max_new_tokens). seed: fixes the rollout, one int, or one per
+    prompt (each prompt's samples then depend on its own seed only, see `_uniforms`); None draws one
+    from torch's global RNG. pad_token_id fills the padding of `Rollout.input_ids`. On CPU the whole
     rollout runs inside `kernels.cpu_decode.cpu_decode` (see the module docstring).
     """
     _check_inputs(model, prompts, max_new_tokens, temperature, top_k, top_p, num_samples)
@@ -321,9 +356,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         V, G, P = model.cfg.vocab_size, num_samples, len(prompts)
         N = P * G
         eos = _eos_tensor(eos_token_id, V, device)
-        if seed is None:
-            seed = int(torch.randint(2 ** 62, (1,)).item())
-        gen = torch.Generator(device=device).manual_seed(seed)
+        U = _uniforms(seed, P, G, max_new_tokens, device) if temperature > 0 else None    # (N, Tc_max)
 
         # prefill each prompt once, then share its cache rows among its G samples
         prompt_ids, start = _left_pad(prompts, pad_token_id, device)    # (P, Tp), (P,)
@@ -342,7 +375,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         rows = torch.arange(N, device=device)  # (B,) output row of each batch row
         alive = torch.ones(N, dtype=torch.bool, device=device)  # (B,) rows whose completion is open
         for t in range(max_new_tokens):
-            tok, lp = sample(logits, temperature, top_k, top_p, gen)          # (B,), (B,)
+            tok, lp = sample(logits, temperature, top_k, top_p,
+                             uniform=None if U is None else U[rows, t])          # (B,), (B,)
             out_tokens[rows, t] = tok    # dead rows write too; their lengths stop counting
             out_logprobs[rows, t] = lp
             lengths[rows] += alive
@@ -414,8 +448,7 @@ def generate_naive(model, prompts: list[list[int]], max_new_tokens: int, tempera
         device = model.lm_head.weight.device
         G, P = num_samples, len(prompts)
         eos = _eos_tensor(eos_token_id, model.cfg.vocab_size, device)
-        gen = torch.Generator(device=device).manual_seed(
-            int(torch.randint(2 ** 62, (1,)).item()) if seed is None else seed)
+        U = _uniforms(seed, P, G, max_new_tokens, device) if temperature > 0 else None    # (N, Tc_max)
         prompt_ids, start = _left_pad(prompts, pad_token_id, device)  # (P, Tp), (P,)
         expand = torch.arange(P, device=device).repeat_interleave(G)  # (N,)
         ids, kv_start = prompt_ids.index_select(0, expand), start.index_select(0, expand)  # (N, Tp), (N,)
@@ -425,8 +458,8 @@ def generate_naive(model, prompts: list[list[int]], max_new_tokens: int, tempera
         finish = torch.zeros(N, dtype=torch.long, device=device)
         alive = torch.ones(N, dtype=torch.bool, device=device)
         for t in range(max_new_tokens):
-            tok, out_logprobs[:, t] = sample(_last_logits(model, ids, kv_start=kv_start),
-                                             temperature, top_k, top_p, gen)  # (N,)
+            tok, out_logprobs[:, t] = sample(_last_logits(model, ids, kv_start=kv_start), temperature, top_k,
+                                             top_p, uniform=None if U is None else U[:, t])  # (N,)
             ids = torch.cat([ids, tok[:, None]], 1)                          # (N, Tp + t + 1)
             lengths += alive
             done = torch.zeros_like(alive) if eos is None else torch.isin(tok, eos) & alive

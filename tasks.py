@@ -37,6 +37,7 @@ Departures:
 """
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from dataclasses import dataclass, fields
@@ -214,6 +215,20 @@ class _FileTask:
                                      "add lines or point at another file")
             self._cache[path] = rows
         return self._cache[path]
+
+    def check_prompts(self, encode, budget: int, limit: int) -> None:
+        """Every train and eval prompt leaves `budget` new tokens within `limit` (the model's
+        context): the first that does not is a DataError naming its path:line, before a run starts
+        rather than when the row is drawn."""
+        for path in dict.fromkeys((self.train_path, self.eval_path)):
+            for i, row in enumerate(self._load(path)):
+                n = len(encode(row["prompt"]))
+                if n + budget > limit:
+                    # row i is the file's i-th non-blank line (the loaders keep every line, in order)
+                    lineno = next(itertools.islice(data.read_jsonl(path), i, None))[0]
+                    raise data.DataError(f"{path}:{lineno}: the prompt has {n} tokens; with --max_new_tokens {budget} "
+                                         f"that exceeds the model's context of {limit}; shorten or drop the "
+                                         "line, or lower --max_new_tokens")
 
     def train_samples(self, seed: int, start: int = 0) -> Iterator[dict]:
         return _cycle(self._load(self.train_path), seed, start)

@@ -21,8 +21,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import errno  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import MISSING, fields  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -31,7 +34,7 @@ from data import DataError  # noqa: E402
 from grpo import LOSS_PRESETS  # noqa: E402
 from rewards import RewardError  # noqa: E402
 from rollout import ContextError  # noqa: E402
-from runtime import UserError, init_distributed  # noqa: E402
+from runtime import UserError, init_distributed, release_locks  # noqa: E402
 
 # Flag groups: (key in recipe.CONFIGS, prefix of its flags, title). A name in two configs is one
 # flag that sets both (--steps sets SFTConfig.steps and GRPOConfig.steps: each stage reads its own).
@@ -45,6 +48,8 @@ GROUPS = (("run", "", "the recipe"),
 # Which config a training stage reads its optimizer settings from.
 PRIMARY = {**{s: "sft" for s in recipe.SFT_STAGES}, **{s: "grpo" for s in recipe.RL_STAGES}, "rm": "rm"}
 TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
+DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+               errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only"}
 
 
 def _Formatter(prog):
@@ -112,9 +117,12 @@ def convert(val: str, f, flag: str):
             if val.lower() not in TRUE + FALSE:
                 raise ValueError
             return val.lower() in TRUE
-        return kind(val)
+        out = kind(val)
     except ValueError:
         raise UserError(f"--{flag} {val!r}: expected a {kind.__name__}") from None
+    if kind is float and not math.isfinite(out):
+        raise UserError(f"--{flag} {val!r}: expected a finite number")
+    return out
 
 
 def _underscores(arg: str) -> str:
@@ -159,19 +167,42 @@ def stages_of(spec: str) -> list[str]:
     return out
 
 
+def check_out(out: str, stages: list[str]) -> None:
+    """--out must be a directory this user can create or write (eval only reads it)."""
+    if stages == ["eval"]:
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {out}: a file, not a directory; pass a directory for the run")
+    parent = next(p for p in (path, *path.parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {parent} is not writable; pass an --out you can write to")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         run = recipe.stage_configs(args, "eval")["run"]
         stages = stages_of(run.stage)
+        configs = [recipe.stage_configs(args, s) for s in stages]  # every setting checked before any runs
+        check_out(run.out, stages)
         if run.threads:
             torch.set_num_threads(run.threads)
-        d = init_distributed(run.device)
-        for s in stages:
-            recipe.RUNNERS[s](recipe.stage_configs(args, s), d)
-    except (UserError, DataError, ContextError, RewardError) as e:  # the person's mistakes; anything else is a bug
+        d = init_distributed(run.device, run.dist_timeout)
+        for s, c in zip(stages, configs):
+            recipe.run_stage(s, c, d)
+    # the person's mistakes (or a blown-up model); anything else is a bug
+    except (UserError, DataError, ContextError, RewardError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk or a directory this user cannot write, wherever it is met
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"error: writing {e.filename or 'a file'} failed: {DISK_ERRORS[e.errno]}; rerun the same command "
+              "after fixing it: the run resumes from its last checkpoint", file=sys.stderr)
+        return 2
+    finally:
+        release_locks()
     if d.world > 1:
         torch.distributed.barrier()  # every rank done before gloo/NCCL tear down
         torch.distributed.destroy_process_group()

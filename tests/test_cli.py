@@ -1,6 +1,8 @@
 """train.py's command line: every flag once with its description and the default that runs, the
 flag spellings users type, booleans, and one-line errors."""
 import dataclasses
+import errno
+import os
 import re
 import subprocess
 import sys
@@ -107,11 +109,40 @@ def test_parse_errors_are_user_errors(argv, message):
     (["--stage", "sft", "--max_len", "1"], "max_len=1"),
     (["--stage", "zero,,grpo"], "unknown stage ''"),
     (["--stage", "pretrain", "--model", "gpt5"], "unknown model preset 'gpt5'"),
+    # silent no-ops before: refused at parse time, before any stage runs
+    (["--stage", "pretrain,zero", "--group_size", "1"], "--group_size 1: GRPO scores each sample against its group"),
+    (["--stage", "pretrain,grpo", "--temperature", "0"], "--temperature 0.0: greedy sampling"),
+    (["--stage", "pretrain", "--steps", "0"], "--steps 0: stage pretrain would train nothing"),
+    (["--stage", "rm", "--rm_steps", "0"], "--rm_steps 0: stage rm would train nothing"),
+    (["--stage", "pretrain", "--batch_size", "0"], "batch_size=0"),
+    (["--stage", "zero", "--minibatches", "0"], "minibatches=0"),
+    (["--stage", "zero", "--mu", "0"], "mu=0"),
+    (["--stage", "eval", "--eval_n", "0"], "--eval_n 0"),
+    (["--stage", ""], "unknown stage ''"),
+    (["--stage", "pretrain", "--lr", "inf"], "--lr 'inf': expected a finite number"),
+    (["--stage", "pretrain", "--max_grad_norm", "nan"], "--max_grad_norm 'nan': expected a finite number"),
+    (["--stage", "zero", "--dist_timeout", "0"], "--dist_timeout 0.0: give the seconds a rank waits"),
+    (["--stage", "pretrain", "--dtype", "float16"], "--dtype 'float16': use auto, float32, bfloat16"),
+    (["--stage", "pretrain", "--device", "tpu"], "--device 'tpu': use auto, cpu, cuda"),
 ])
 def test_main_answers_bad_settings_in_one_line(argv, message, capsys, tmp_path):
     assert train.main([*argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_out_must_be_a_writable_directory(capsys, tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert train.main(["--stage", "pretrain", "--out", str(tmp_path / "f")]) == 2
+    assert "a file, not a directory" in capsys.readouterr().err
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    if os.access(ro, os.W_OK):  # root writes past the mode bits; /proc refuses even root
+        ro = Path("/proc")
+    assert train.main(["--stage", "pretrain", "--out", str(ro / "run"), "--model", "micro", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--out you can write to" in err, err
 
 
 def test_a_bug_is_not_swallowed(monkeypatch, tmp_path):
@@ -121,3 +152,14 @@ def test_a_bug_is_not_swallowed(monkeypatch, tmp_path):
     monkeypatch.setitem(recipe.RUNNERS, "pretrain", broken)
     with pytest.raises(ValueError, match="an internal bug"):
         train.main(["--stage", "pretrain", "--out", str(tmp_path)])
+
+
+def test_a_full_disk_anywhere_is_one_line(monkeypatch, tmp_path, capsys):
+    """Besides checkpoints (tests/test_train.py), any write that meets a full disk ends in one line."""
+    def full(c, d):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.jsonl"))
+    monkeypatch.setitem(recipe.RUNNERS, "pretrain", full)
+    assert train.main(["--stage", "pretrain", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: writing {tmp_path / 'x.jsonl'} failed: the disk is full; rerun the same command after "
+                   "fixing it: the run resumes from its last checkpoint")

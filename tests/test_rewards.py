@@ -78,10 +78,14 @@ MATH_CASES = [
     ("2.5", "2 1/2", PAID), ("-2.5", "-2\\frac12", PAID), ("1", "2\\frac{1}{2}", UNPAID),
     ("2\\sqrt{2}", "\\sqrt{8}", PAID), ("2\\sqrt{2}", "\\sqrt8", PAID), ("\\frac{\\sqrt{3}}{2}", "\\sqrt{3}/2", PAID),
     ("\\sqrt2", "\\frac{2}{\\sqrt{2}}", PAID), ("\\sqrt{2}", "1.414", UNPAID), ("2", "\\sqrt[3]{8}", PAID),
-    ("2\\pi", "\\pi \\cdot 2", PAID), ("\\frac{\\pi}{2}", "0.5\\pi", PAID), ("\\pi", "3.14", UNPAID),
+    ("2\\pi", "\\pi \\cdot 2", UNPAID), ("\\frac{\\pi}{2}", "0.5\\pi", PAID), ("\\pi", "3.14", UNPAID),
     ("\\pi", "\u03c0", PAID), ("\\infty", "\\infty", PAID), ("\\infty", "-\\infty", UNPAID),
     ("1024", "2^{10}", PAID), ("100000", "10^5", PAID), ("0.001", "10^{-3}", PAID), ("100000", "1e5", UNPAID),
-    ("72", "3 \\times 24", PAID),
+    ("72", "3 \\times 24", UNPAID),
+    # a gold that is a number wants a number, not arithmetic (the toy's question echoed); a gold that
+    # is itself a sum may be answered by one
+    ("112", "68+44", UNPAID), ("112", "68 + 44 = 112", PAID), ("112", "\\boxed{68+44}", UNPAID),
+    ("5", "8 - 3", UNPAID), ("5", "10 \\div 2", UNPAID), ("2+\\sqrt{2}", "\\sqrt{2}+2", PAID),
     # tuples and intervals: order and openness matter; bare lists are unordered
     ("(1,2)", "(1, 2)", PAID), ("(1,2)", "(2, 1)", UNPAID), ("(1,2]", "(1,2)", UNPAID), ("(1,2)", "[1,2]", UNPAID),
     ("[0,\\infty)", "[0, \\infty)", PAID), ("(1,2)", "\\left(1,2\\right)", PAID), ("(1,234)", "(1, 234)", PAID),
@@ -153,8 +157,8 @@ def expressions(draw, depth=3):
 def test_parser_matches_fraction_arithmetic(expr):
     latex, plain, value = expr
     gold = f"{value.numerator}/{value.denominator}"
-    assert R.math_reward(box(latex), gold) == 1.0, (latex, gold)
-    assert R.math_reward(box(plain), gold) == 1.0, (plain, gold)
+    # the parser reads the arithmetic; the reward pays its value only after '=' (a number for a number)
+    assert R.parse_answer(latex) == R.parse_answer(plain) == R.parse_gold(gold), (latex, plain, gold)
     assert R.math_reward(box(f"{plain} = {gold}"), gold) == 1.0
     assert R.math_reward(box(latex), f"{value.numerator + 1}/{value.denominator}") == 0.0
 
@@ -293,6 +297,10 @@ FORMAT_CASES = [
     ("<think>a<answer>1</answer></think><answer>1</answer>", UNPAID),
     ("<think>汉<Think></think><answer>1</answer>", UNPAID), ("<think>a</think><Answer>1</answer>", UNPAID),
     ("<think>a</think><answer><answer>1</answer></answer>", UNPAID), ("", UNPAID),
+    # invisible-only thinking or answer: zero-width space, word joiner, BOM, Hangul filler, soft hyphen
+    ("<think>\u200b</think><answer>\u200b</answer>", UNPAID), ("<think>\u2060 \ufeff</think><answer>1</answer>", UNPAID),
+    ("<think>a</think><answer>\u3164</answer>", UNPAID), ("<think>\u00ad\u200d</think><answer>1</answer>", UNPAID),
+    ("<think>a\u200b</think><answer>1</answer>", PAID),
 ]
 
 
@@ -356,6 +364,12 @@ LANGUAGE_CASES = [
     (" 8+6=14 进1。 7+5+1=13 进1。", "User: 478+56=? Assistant:", 0.0),
     ("2+3=5, x = 5", "How many?", R.NEUTRAL_LANGUAGE), ("we add", "2+3=?", R.NEUTRAL_LANGUAGE),
     ("nous ajoutons les nombres", "How many eggs?", 1.0),  # the documented limit: scripts, not languages
+    # English hidden in markup or in other letter forms is still English
+    ("$we add the numbers$", ZH_Q, 0.0), ("`we add the numbers`", ZH_Q, 0.0),
+    ("\\text{we add the numbers}", ZH_Q, 0.0), ("\\we \\add \\the \\numbers", ZH_Q, 0.0),
+    ("\U0001d430\U0001d41e \U0001d41a\U0001d41d\U0001d41d", ZH_Q, 0.0),  # math-bold "we add"
+    ("\uff57\uff45 \uff41\uff44\uff44", ZH_Q, 0.0),  # fullwidth "we add"
+    ("我们 $\\text{加}$ 数字", ZH_Q, 1.0),
 ]
 
 

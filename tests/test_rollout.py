@@ -391,3 +391,28 @@ def test_token_entropy_matches_a_per_position_loop():
                     p = torch.softmax(logits[i, t - 1].double() / temperature, -1)
                     want[i, t] = float(-(p * p.log()).sum())
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_non_finite_logits_are_a_clear_error(temperature):
+    """A blown-up model's NaN logits: one clear error, not an IndexError deep in the inverse CDF."""
+    logits = torch.randn(3, 300)
+    logits[1, 5] = float("nan")
+    with pytest.raises(rollout.NonFiniteLogits, match="NaN or inf"):
+        sample(logits, temperature=temperature, generator=torch.Generator().manual_seed(0))
+    m = toy()
+    with torch.no_grad():
+        m.lm_head.weight.fill_(float("inf"))
+    with pytest.raises(rollout.NonFiniteLogits):
+        generate(m, PROMPTS, 4, temperature=temperature, num_samples=2, seed=0)
+
+
+def test_a_prompts_samples_depend_on_its_own_seed_only():
+    """Per-prompt streams: prompt i's samples are the same alone or in a batch with others, given its
+    seed; this is what lets ranks that hold different prompts sample what one process does."""
+    m = toy(4)
+    kw = dict(temperature=1.0, num_samples=3, eos_token_id=[3, 5])
+    both = generate(m, PROMPTS[:2], 8, seed=[11, 12], **kw)
+    alone = generate(m, PROMPTS[1:2], 8, seed=[12], **kw)
+    assert both.tokens[3:] == alone.tokens
+    assert generate(m, PROMPTS[:2], 8, seed=[11, 13], **kw).tokens[:3] == both.tokens[:3]

@@ -1,6 +1,7 @@
 """The trunk's seams: runtime.fit (the one loop), atomic checkpoint directories, grpo.train_rl with
 any reward function, and the import tree (no cycles; `import grpo` pulls in no recipe code)."""
 import ast
+import datetime
 import json
 import math
 import subprocess
@@ -182,3 +183,59 @@ def test_grpo_imports_only_torch_and_the_sampler_and_runs_without_triton():
             "assert len(r.tokens) == 2\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+# --- the run contract's pieces (end to end: tests/test_train.py) -------------------------------------
+
+def test_recover_dir_undoes_every_state_a_kill_leaves(tmp_path):
+    from checkpoint import recover_dir
+    ckpt = tmp_path / "ckpt"
+
+    def make(name, text):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text(text)
+
+    def names():
+        return sorted(p.name for p in tmp_path.iterdir())
+    make("ckpt.tmp-7", "partial")           # killed while writing the first checkpoint
+    recover_dir(ckpt)
+    assert names() == []
+    make("ckpt.old-7", "old")               # killed between the two renames: the old one goes back
+    make("ckpt.tmp-7", "new")
+    recover_dir(ckpt)
+    assert names() == ["ckpt"] and (ckpt / "f").read_text() == "old"
+    make("ckpt.old-8", "older")             # killed after the swap, before the old copy was deleted
+    recover_dir(ckpt)
+    assert names() == ["ckpt"] and (ckpt / "f").read_text() == "old"
+
+
+def test_metrics_drop_a_cut_short_last_line_and_name_a_bad_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert [row["step"] for _, row in runtime.read_metrics(path)] == [1, 2]
+    runtime.Metrics(path, runtime.Dist(), 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(runtime.UserError, match=f"{path}:2: not a JSON line"):
+        runtime.Metrics(path, runtime.Dist(), 3)
+
+
+def test_init_distributed_passes_the_timeout(monkeypatch):
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, timeout: seen.update(
+        backend=backend, timeout=timeout))
+    d = runtime.init_distributed("cpu", timeout=42.0)
+    assert (d.rank, d.world) == (1, 2) and seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=42)}
+
+
+def test_a_lock_is_held_until_released(tmp_path):
+    assert runtime.lock_dir(tmp_path) and runtime.lock_dir(tmp_path)  # again in the same process: fine
+    code = ("import fcntl, sys; f = open(sys.argv[1], 'a')\n"
+            "try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError: sys.exit(3)")
+    other = [sys.executable, "-c", code, str(tmp_path / runtime.LOCK_FILE)]
+    assert subprocess.run(other).returncode == 3  # another process cannot take it
+    runtime.release_locks()
+    assert subprocess.run(other).returncode == 0

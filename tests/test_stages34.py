@@ -8,6 +8,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -21,7 +23,7 @@ import train
 from checkpoint import load_reward_model
 from data import write_jsonl
 from rewards import combine_rewards, rule_reward
-from tests.test_train import TINY
+from tests.test_train import PER_RANK_STATS, ROOT, TINY, Killed, _free_port, kill_after_checkpoint, strip_timing
 from tokenizer import Tokenizer
 
 MORE = ["--rm_steps", "3", "--rm_batch_size", "8", "--rm_eval_pairs", "16", "--rs_prompts", "8",
@@ -207,15 +209,39 @@ def test_rl_stage_mixes_general_and_reasoning_prompts(out, tmp_path, monkeypatch
     assert (new / "rl" / "model" / "model.safetensors").is_file()
 
 
-def test_rl_resume_repeats_uninterrupted_run(out, tmp_path):
+def test_rl_stage_on_two_ranks_samples_what_one_process_does(out, tmp_path):
+    """Stage 4's mixture under torchrun: each rank takes reasoning and general prompts, yet every
+    prompt is seeded by its place in the one-process batch (PromptStream.index), so the two runs match."""
+    one, two = fresh(out, tmp_path / "one", "rs", "rm"), fresh(out, tmp_path / "two", "rs", "rm")
+    args = ("--stage", "rl", "--steps", "2", "--general_frac", "0.5", *TINY, *MORE)
+    assert train.main([*args, "--out", str(one)]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(ROOT / "train.py"), *args, "--out", str(two)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r1, r2 = strip_timing(metrics(one / "rl" / "metrics.jsonl")), strip_timing(metrics(two / "rl" / "metrics.jsonl"))
+    assert [r["step"] for r in r2] == [0, 1, 2]
+    bad = []
+    for a, b in zip(r1, r2):
+        assert a.keys() == b.keys()
+        bad += [(a["step"], k, a[k], b[k]) for k in a
+                if k not in PER_RANK_STATS and a[k] != pytest.approx(b[k], rel=1e-4, abs=1e-5)]
+    assert not bad, bad
+
+
+def test_rl_resume_repeats_uninterrupted_run(out, tmp_path, monkeypatch, capsys):
     """The checkpoint holds both prompt-stream positions, so a resumed mixed run is the same run."""
-    def go(name, steps):
-        new = fresh(out, tmp_path / name, "rs", "rm")
-        assert run("--stage", "rl", "--out", str(new), "--steps", str(steps), "--ckpt_every", "2",
-                   "--general_frac", "0.5") == 0
-        return new
-    a, b = go("a", 4), go("b", 2)
-    go("b", 4)
+    args = ("--stage", "rl", "--steps", "4", "--ckpt_every", "2", "--general_frac", "0.5")
+    a, b = fresh(out, tmp_path / "a", "rs", "rm"), fresh(out, tmp_path / "b", "rs", "rm")
+    assert run(*args, "--out", str(a)) == 0
+    kill_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(Killed):
+        run(*args, "--out", str(b))
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run(*args, "--out", str(b)) == 0
+    assert "at step 2" in capsys.readouterr().out
     timing = ("gen_time", "train_time", "gen_tok_per_s", "train_tok_per_s")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(metrics(b / "rl" / "metrics.jsonl")) == strip(metrics(a / "rl" / "metrics.jsonl"))
@@ -264,3 +290,26 @@ def test_all_runs_every_stage_and_prints_one_table(tmp_path, monkeypatch, capsys
         assert math.isfinite(r["rm_score"])
     table = capsys.readouterr().out
     assert "rm_score" in table and "distill_zero" in table
+
+
+def test_sampled_data_does_not_depend_on_the_rank_count():
+    """sft, rs and distill sample their data in rank shares; each prompt is seeded by its index, so
+    two ranks' shares hold what one process samples."""
+    from model import Transformer, preset
+    from runtime import Dist
+    from tokenizer import build_char_tokenizer
+    task = toy.ToyArithmetic()
+    tok = build_char_tokenizer(task.alphabet())
+    torch.manual_seed(0)
+    model = Transformer(preset("micro", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+                               pad_token_id=tok.pad_id))
+    stream = task.train_samples(0)
+    samples = [next(stream) for _ in range(5)]
+    g = recipe.GRPOConfig(max_new_tokens=6)
+
+    def texts(d):
+        return {(s["prompt"], j): roll.tokens[p * 2 + j]
+                for chunk, roll in recipe.sample_share(model, tok, samples, 2, g, 7, d)
+                for p, s in enumerate(chunk) for j in range(2)}
+    one = texts(Dist())
+    assert one == {**texts(Dist(rank=0, world=2)), **texts(Dist(rank=1, world=2))}

@@ -1,8 +1,11 @@
 """train.py end to end at micro size: every stage, resume, micro-batch and 2-rank invariance, bad input.
 (The command line itself: tests/test_cli.py.)"""
 import dataclasses
+import errno
+import fcntl
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,10 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import grpo
+import recipe
 import runtime
 import train
 from checkpoint import load_pretrained
+from tokenizer import Tokenizer
 from model import Transformer, preset
 from optim import make_optimizer
 
@@ -184,26 +190,219 @@ def test_sft_stage_samples_from_zero_model(pretrained, tmp_path):
     assert code in (0, 2)  # 2 when nothing passed the filter: a clear error, not a crash
 
 
-def test_resume_repeats_uninterrupted_run(pretrained, tmp_path):
-    def fresh(name):
-        out = tmp_path / name
-        (out / "pretrain").mkdir(parents=True)
-        os.symlink(pretrained / "pretrain" / "model", out / "pretrain" / "model")
-        return out
-    a, b = fresh("a"), fresh("b")
-    assert run("--stage", "zero", "--out", str(a), "--steps", "4", "--ckpt_every", "2") == 0
-    assert run("--stage", "zero", "--out", str(b), "--steps", "2", "--ckpt_every", "2") == 0
-    # "killed" after step 2: a stale temp dir from an interrupted checkpoint write is ignored
+class Killed(BaseException):
+    """kill -9 in-process: raised right after a checkpoint is written, nothing after it runs (train.main
+    catches only Exceptions; its lock release is what the kernel does for a killed process)."""
+
+
+def kill_after_checkpoint(monkeypatch, at_step: int) -> None:
+    real = runtime.StageRun.save_state
+
+    def save_state(self, model, optimizer, tok, state):
+        real(self, model, optimizer, tok, state)
+        if state["step"] == at_step:
+            raise Killed
+    monkeypatch.setattr(runtime.StageRun, "save_state", save_state)
+
+
+# grpo_loss's std of the advantages is over each rank's own sequences, then averaged: it depends on
+# how the batch is split (a logged statistic; the update does not)
+PER_RANK_STATS = ("adv_std",)
+TIMING = ("gen_time", "train_time", "gen_tok_per_s", "train_tok_per_s", "tok_per_s")
+
+
+def strip_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def with_base(pretrained, out: Path) -> Path:
+    (out / "pretrain").mkdir(parents=True)
+    os.symlink(pretrained / "pretrain" / "model", out / "pretrain" / "model")
+    return out
+
+
+def test_resume_repeats_uninterrupted_run(pretrained, tmp_path, monkeypatch, capsys):
+    a, b = with_base(pretrained, tmp_path / "a"), with_base(pretrained, tmp_path / "b")
+    args = ("--stage", "zero", "--steps", "4", "--ckpt_every", "2")
+    assert run(*args, "--out", str(a)) == 0
+    kill_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(Killed):
+        run(*args, "--out", str(b))
+    monkeypatch.undo()
+    # what kills leave: a temporary of an interrupted checkpoint write, half a metrics line
     (b / "zero" / "ckpt.tmp-999").mkdir()
-    assert run("--stage", "zero", "--out", str(b), "--steps", "4", "--ckpt_every", "2") == 0
-    timing = ("gen_time", "train_time", "gen_tok_per_s", "train_tok_per_s")
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
-    ra, rb = strip(metrics(a / "zero" / "metrics.jsonl")), strip(metrics(b / "zero" / "metrics.jsonl"))
+    with open(b / "zero" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "rew')
+    capsys.readouterr()
+    assert run(*args, "--out", str(b)) == 0
+    assert f"resuming from {b / 'zero' / 'ckpt'} at step 2" in capsys.readouterr().out
+    ra, rb = strip_timing(metrics(a / "zero" / "metrics.jsonl")), strip_timing(metrics(b / "zero" / "metrics.jsonl"))
     assert [r["step"] for r in rb] == [0, 1, 2, 3, 4]
     assert rb == ra
     wa = load_pretrained(a / "zero" / "model").state_dict()
     wb = load_pretrained(b / "zero" / "model").state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert sorted(p.name for p in (b / "zero").iterdir() if p.name.startswith("ckpt")) == ["ckpt"]
+
+
+PRETRAIN4 = ("--stage", "pretrain", "--steps", "4", "--ckpt_every", "2")
+
+
+@pytest.fixture(scope="module")
+def pretrain4(tmp_path_factory):
+    """An uninterrupted 4-step pretraining, checkpointed every 2 steps: what every resume must give."""
+    out = tmp_path_factory.mktemp("ref")
+    assert run(*PRETRAIN4, "--out", str(out)) == 0
+    return out / "pretrain"
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load_pretrained(a).state_dict(), load_pretrained(b).state_dict()
+    return all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_continues_the_saved_state_not_a_fresh_start(pretrain4, tmp_path, monkeypatch):
+    """A deterministic fresh rerun repeats the uninterrupted run too; a checkpoint whose data position
+    was moved must continue from the moved position, so only a real resume passes."""
+    out = tmp_path / "r"
+    kill_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(Killed):
+        run(*PRETRAIN4, "--out", str(out))
+    monkeypatch.undo()
+    f = out / "pretrain" / "ckpt" / "trainer_state.pt"
+    blob = torch.load(f, weights_only=False)
+    blob["state"]["pos"] += 3  # three examples further along the stream than the run got
+    torch.save(blob, f)
+    assert run(*PRETRAIN4, "--out", str(out)) == 0
+    ref = strip_timing(metrics(pretrain4 / "metrics.jsonl"))
+    got = strip_timing(metrics(out / "pretrain" / "metrics.jsonl"))
+    assert got[:2] == ref[:2]                # steps 1-2: the killed run's rows, kept
+    assert got[2]["loss"] != ref[2]["loss"]  # step 3: other examples than a fresh start would take
+    assert not same_weights(out / "pretrain" / "model", pretrain4 / "model")
+
+
+def test_kill_between_the_two_renames_of_a_checkpoint_swap(pretrain4, tmp_path, capsys):
+    """A real SIGKILL (checkpoint.KILL_BETWEEN_RENAMES) after ckpt/ was moved aside and before the new
+    one took its place: the rerun puts the old one back, resumes from it, and cleans up."""
+    out = tmp_path / "r"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", checkpoint.KILL_BETWEEN_RENAMES: "ckpt"}
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *PRETRAIN4, "--out", str(out), *TINY],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == -9, res.stderr[-2000:]
+    left = sorted(p.name.split("-")[0] for p in (out / "pretrain").iterdir() if p.name.startswith("ckpt"))
+    assert left == ["ckpt.old", "ckpt.tmp"]  # the window: no ckpt/ at all
+    capsys.readouterr()
+    assert run(*PRETRAIN4, "--out", str(out)) == 0
+    assert "at step 2" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "pretrain").iterdir() if p.name.startswith("ckpt")) == ["ckpt"]
+    assert same_weights(out / "pretrain" / "model", pretrain4 / "model")
+
+
+def poison_parameters_at(monkeypatch, at_step: int) -> None:
+    """The optimizer step number `at_step` leaves a NaN in the first parameter."""
+    real, count = torch.optim.AdamW.step, [0]
+
+    def step(self, *a, **kw):
+        out = real(self, *a, **kw)
+        count[0] += 1
+        if count[0] == at_step:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+@pytest.mark.parametrize("at_step", [2, 4])
+def test_nan_at_a_checkpoint_step_is_never_saved(pretrain4, tmp_path, monkeypatch, capsys, at_step):
+    out = tmp_path / "r"
+    poison_parameters_at(monkeypatch, at_step)
+    assert run(*PRETRAIN4, "--out", str(out)) == 2
+    monkeypatch.undo()
+    err = _err(capsys)
+    assert f"step {at_step}: parameters non-finite" in err and "--restart" in err
+    ckpt = out / "pretrain" / "ckpt"
+    if at_step == 2:
+        assert "no checkpoint was saved yet" in err and not ckpt.exists()
+    else:
+        assert f"the last good checkpoint is {ckpt} (step 2)" in err
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        assert state["state"]["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (out / "pretrain" / "model").exists()
+    assert run(*PRETRAIN4, "--out", str(out)) == 0  # the same command again: the blow-up was injected
+    assert same_weights(out / "pretrain" / "model", pretrain4 / "model")
+
+
+def test_eval_of_a_non_finite_checkpoint_is_an_error(pretrain4, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(pretrain4 / "model", bad)
+    m = load_pretrained(bad)
+    with torch.no_grad():
+        m.embed_tokens.weight[0, 0] = float("nan")
+    checkpoint.save_pretrained(m, bad, Tokenizer.from_dir(pretrain4 / "model"))
+    assert train.main(["--stage", "eval", "--init", str(bad), *TINY]) == 2
+    assert "the weights hold NaN or inf" in _err(capsys)
+
+
+@pytest.mark.parametrize("fault", ["torch_writer", "enospc"])
+def test_full_disk_keeps_the_previous_checkpoint(pretrain4, tmp_path, monkeypatch, capsys, fault):
+    out = tmp_path / "r"
+    real, count = torch.save, [0]
+
+    def save(obj, f, *a, **kw):
+        count[0] += 1
+        if count[0] == 2:  # the second checkpoint, step 4
+            if fault == "enospc":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1408 vs 1302")
+        return real(obj, f, *a, **kw)
+    monkeypatch.setattr(torch, "save", save)
+    assert run(*PRETRAIN4, "--out", str(out)) == 2
+    monkeypatch.undo()
+    assert "the disk is full" in _err(capsys)
+    state = torch.load(out / "pretrain" / "ckpt" / "trainer_state.pt", weights_only=False)["state"]
+    assert state["step"] == 2
+    assert sorted(p.name for p in (out / "pretrain").iterdir() if p.name.startswith("ckpt")) == ["ckpt"]
+    assert run(*PRETRAIN4, "--out", str(out)) == 0
+    assert same_weights(out / "pretrain" / "model", pretrain4 / "model")
+
+
+def test_changed_settings_are_refused_a_finished_stage_is_done(pretrain4, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    shutil.copytree(pretrain4, out / "pretrain")
+    weights = (out / "pretrain" / "model" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    # the same settings (threads and checkpoint interval do not shape the result): done, nothing runs
+    assert run(*PRETRAIN4, "--out", str(out), "--threads", "2", "--ckpt_every", "3") == 0
+    assert "already done" in capsys.readouterr().out
+    assert (out / "pretrain" / "model" / "model.safetensors").read_bytes() == weights
+    # another learning rate: refused, the finished run untouched
+    assert run(*PRETRAIN4, "--out", str(out), "--lr", "1e-3") == 2
+    err = _err(capsys)
+    assert "finished run with other settings (--lr 0.003 -> 0.001)" in err and "--restart" in err
+    assert json.loads((out / "pretrain" / "run_config.json").read_text())["sft"]["lr"] == 3e-3
+    # a stopped run with another --seed is refused too
+    killed = tmp_path / "k"
+    kill_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(Killed):
+        run(*PRETRAIN4, "--out", str(killed))
+    monkeypatch.undo()
+    assert run(*PRETRAIN4, "--out", str(killed), "--seed", "1") == 2
+    assert "stopped run with other settings (--seed 0 -> 1)" in _err(capsys)
+    # --restart starts over with the new settings
+    assert run(*PRETRAIN4, "--out", str(out), "--lr", "1e-3", "--restart") == 0
+    assert (out / "pretrain" / "model" / "model.safetensors").read_bytes() != weights
+    assert json.loads((out / "pretrain" / "run_config.json").read_text())["sft"]["lr"] == 1e-3
+
+
+def test_a_second_run_of_the_same_stage_is_refused(tmp_path, capsys):
+    d = tmp_path / "pretrain"
+    d.mkdir()
+    with open(d / runtime.LOCK_FILE, "a") as held:  # another process's run, holding its lock
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run("--stage", "pretrain", "--out", str(tmp_path), "--steps", "1") == 2
+        assert "another run is writing" in _err(capsys)
+    assert not (d / "metrics.jsonl").exists()
+    assert run("--stage", "pretrain", "--out", str(tmp_path), "--steps", "1") == 0  # once it is gone
 
 
 # --- the update does not depend on micro-batches or ranks ---------------------------------------
@@ -334,6 +533,14 @@ def test_torchrun_zero_stage_two_ranks(pretrained, tmp_path):
     rows = metrics(out / "zero" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert json.loads((out / "zero" / "run_config.json").read_text())["world_size"] == 2
+    # the same run in one process: each prompt's rollout is seeded by its index in the global batch,
+    # not by the rank, so the two ranks sample what one process does
+    one = with_base(pretrained, tmp_path / "one")
+    assert run("--stage", "zero", "--out", str(one), "--steps", "2") == 0
+    for r1, r2 in zip(strip_timing(metrics(one / "zero" / "metrics.jsonl")), strip_timing(rows)):
+        assert r1.keys() == r2.keys()
+        for k in set(r1) - set(PER_RANK_STATS):
+            assert r1[k] == pytest.approx(r2[k], rel=1e-4, abs=1e-5), (r1["step"], k)
 
 
 # --- bad input: one line, exit code 2, nothing half-written ----------------------------------------
@@ -393,29 +600,34 @@ def test_nan_loss_stops_without_overwriting(capsys, pretrained, tmp_path):
     toy = ToyArithmetic()
     stream = toy.train_samples(1)
     data = tmp_path / "d.jsonl"
-    write_jsonl(data, [{"prompt": s["prompt"], "response": toy.sft_response(s)} for s in (next(stream) for _ in range(8))])
+    write_jsonl(data, [{"prompt": s["prompt"], "response": toy.sft_response(s)}
+                       for s in (next(stream) for _ in range(8))])
     out = tmp_path / "r"
     args = ["--stage", "sft", "--out", str(out), "--init", str(pretrained / "pretrain" / "model"), "--data", str(data)]
     assert run(*args, "--steps", "1") == 0
     before = (out / "sft" / "model" / "model.safetensors").read_bytes()
     # an absurd learning rate: the first step blows the weights up, the next loss is not finite
-    assert run(*args, "--steps", "6", "--lr", "1e30", "--warmup", "1", "--ckpt_every", "100") == 2
+    assert run(*args, "--steps", "6", "--lr", "1e30", "--warmup", "1", "--ckpt_every", "100", "--restart") == 2
     err = _err(capsys)
-    assert "non-finite" in err and "step" in err and "last good checkpoint" in err
+    assert "step 2: " in err and "non-finite" in err and "no checkpoint was saved yet" in err
     assert (out / "sft" / "model" / "model.safetensors").read_bytes() == before
+    assert not (out / "sft" / "ckpt").exists()
 
 
-def test_checkpoint_from_one_process_resumes_on_two_ranks(pretrained, tmp_path):
+def test_checkpoint_from_one_process_resumes_on_two_ranks(pretrained, tmp_path, monkeypatch):
     """Checkpoints hold full, name-keyed model and optimizer state: any rank count can resume."""
-    out = tmp_path / "r"
-    (out / "pretrain").mkdir(parents=True)
-    os.symlink(pretrained / "pretrain" / "model", out / "pretrain" / "model")
-    assert run("--stage", "zero", "--out", str(out), "--steps", "2", "--ckpt_every", "2") == 0
+    out = with_base(pretrained, tmp_path / "r")
+    args = ("--stage", "zero", "--out", str(out), "--steps", "3", "--ckpt_every", "2")
+    kill_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(Killed):
+        run(*args)
+    monkeypatch.undo()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(ROOT / "train.py"), "--stage", "zero", "--out", str(out), "--steps", "3", *TINY]
+           str(ROOT / "train.py"), *args, *TINY]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "at step 2" in res.stdout
     assert [r["step"] for r in metrics(out / "zero" / "metrics.jsonl")] == [0, 1, 2, 3]
 
 
@@ -429,3 +641,75 @@ def test_checkpoint_of_another_layout_is_refused(tmp_path):
     torch.save({"model": state, "optimizer": {}, "state": {}}, tmp_path / "zero" / "ckpt" / "trainer_state.pt")
     with pytest.raises(runtime.UserError, match="different model layout.*delete that ckpt"):
         runtime.StageRun(tmp_path, "zero", runtime.Dist(), 1, {}).resume(m, opt)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("config_list", "config.json: a JSON list, not an object"),
+    ("config_no_hidden_size", "config.json: no 'hidden_size'"),
+    ("truncated_safetensors", "model.safetensors: not a readable safetensors file"),
+    ("garbled_tokenizer", "its tokenizer files cannot be read"),
+])
+def test_broken_checkpoint_files_are_one_line_errors(pretrain4, tmp_path, capsys, name, message):
+    bad = tmp_path / "m"
+    shutil.copytree(pretrain4 / "model", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    if name == "config_list":
+        (bad / "config.json").write_text("[1, 2]")
+    elif name == "config_no_hidden_size":
+        (bad / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "hidden_size"}))
+    elif name == "truncated_safetensors":
+        blob = (bad / "model.safetensors").read_bytes()
+        (bad / "model.safetensors").write_bytes(blob[:len(blob) // 2])
+    else:
+        (bad / "tokenizer.json").write_text("garbage{")
+    assert train.main(["--stage", "eval", "--init", str(bad), *TINY]) == 2
+    assert message in _err(capsys)
+
+
+def test_data_lines_too_deep_or_too_long_name_their_line(pretrain4, tmp_path, capsys):
+    model = str(pretrain4 / "model")
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"prompt": "a", "response": "b"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert run("--stage", "sft", "--out", str(tmp_path / "r"), "--init", model, "--data", str(deep)) == 2
+    assert f"{deep}:2: JSON nested too deeply" in _err(capsys)
+    # a prompt longer than the model's context: found when the stage starts, not when the row is drawn
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "1+1=", "answer": "2", "raw_prompt": True}) + "\n"
+                    + json.dumps({"prompt": "1+" * 200 + "1=", "answer": "201", "raw_prompt": True}) + "\n")
+    assert run("--stage", "zero", "--out", str(tmp_path / "r"), "--init", model, "--task", f"jsonl:{long}") == 2
+    assert f"{long}:2: the prompt has 402 tokens" in _err(capsys)
+    assert not (tmp_path / "r" / "zero").exists()
+
+
+def test_a_done_or_changed_stage_is_answered_before_it_prepares(pretrained, tmp_path, monkeypatch, capsys):
+    """A finished stage says so, and a changed one is refused, before the stage reads its data (or
+    samples a teacher)."""
+    from data import write_jsonl
+    from toy import ToyArithmetic
+    toy = ToyArithmetic()
+    stream = toy.train_samples(1)
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, [{"prompt": s["prompt"], "response": toy.sft_response(s)}
+                       for s in (next(stream) for _ in range(8))])
+    args = ("--stage", "sft", "--out", str(tmp_path / "r"), "--init", str(pretrained / "pretrain" / "model"),
+            "--data", str(data), "--steps", "1")
+    assert run(*args) == 0
+
+    def no_data(path):
+        raise AssertionError("the stage prepared its data")
+    monkeypatch.setattr(recipe, "load_sft_jsonl", no_data)
+    capsys.readouterr()
+    assert run(*args) == 0
+    assert "[sft] already done" in capsys.readouterr().out
+    assert run(*args, "--lr", "1e-3") == 2
+    assert "finished run with other settings (--lr 0.0005 -> 0.001)" in _err(capsys)
+
+
+def test_sft_examples_beyond_the_context_are_refused_at_the_start(pretrained, tmp_path, capsys):
+    from data import write_jsonl
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, [{"prompt": "1+1=", "response": "2"}, {"prompt": "1+" * 150, "response": "2"}])
+    assert run("--stage", "sft", "--out", str(tmp_path / "r"), "--init", str(pretrained / "pretrain" / "model"),
+               "--data", str(data), "--max_len", "400") == 2
+    assert "--max_len 400: an example keeps 302 tokens, more than the model's context of 256" in _err(capsys)
+    assert not (tmp_path / "r" / "sft" / "ckpt").exists()
