@@ -109,7 +109,7 @@ def measures(tests: dict, expected: list, attn, bench, peak) -> list[dict]:
                  "goal": "measured (no goal)", "met": "-"})
     pm = (peak or {}).get("grpo_peak_mem_GiB")
     rows.append({"measure": "GRPO update peak memory, Qwen2.5-0.5B shape (tests/test_cuda.py)",
-                 "value": fmt(pm, '.1f', " GiB"), "goal": "< 32 GiB", "met": verdict(pm, pm is not None and pm < 32)})
+                 "value": fmt(pm, '.1f', " GiB"), "goal": "< 38 GiB", "met": verdict(pm, pm is not None and pm < 38)})
     for key in [k for k in b if k.endswith("_error")]:
         rows.append({"measure": f"bench_gpu.py {key[:-6]}", "value": b[key], "goal": "runs", "met": "no"})
     return rows

@@ -1,9 +1,9 @@
 """bfloat16 on CPU: every dtype path the GPU takes (`--dtype auto` is bf16 on CUDA), at micro size.
 
 What runs in bf16 and what in float32 (model.py's docstring says the same):
-- bf16: the weights, the activations between layers, the matmuls, the KV cache, the gradients, and
-  AdamW's moments (torch's AdamW keeps its state in the parameters' dtype: pure bf16, no float32
-  master weights; see test_optimizer_state_is_bf16).
+- bf16: the weights, the activations between layers, the matmuls, the KV cache and the gradients.
+  The optimizer steps float32 master copies of the weights with float32 moments (optim.MasterAdamW;
+  see test_bf16_weights_step_through_float32_masters).
 - float32: RMSNorm's normalisation, the rotary angles, attention's softmax (inside SDPA / our
   kernel), and everything after the logits: logprobs (sampler and trainer), the SFT and GRPO losses,
   the advantages. The logged gradient norm is torch's clip_grad_norm_ over bf16 gradients (per-tensor
@@ -140,26 +140,42 @@ def test_sampler_bf16_logprobs_fp32_and_equal_to_trainer():
     assert same >= 0.75 * sum(map(len, naive.tokens))
 
 
-def test_optimizer_state_is_bf16():
-    """torch's AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype: with bf16 parameters the
-    update is pure bf16 (no float32 master weights). An update smaller than half a bf16 spacing of
-    its weight (|update| < |w| * 2^-9) is lost to rounding: at lr 1e-6 (DeepSeekMath's RL rate) every
-    weight above ~5e-4 in magnitude stays put. Train with --dtype float32 at such rates."""
+def test_bf16_weights_step_through_float32_masters(tmp_path):
+    """bf16 parameters are stepped through float32 masters (optim.MasterAdamW): the moments and the
+    master are float32, the weight is the master rounded. An update below half a bf16 spacing of its
+    weight (|update| < |w| * 2^-9) is lost by a pure-bf16 AdamW, which at lr 1e-6 (DeepSeekMath's RL
+    rate) leaves every weight above ~5e-4 in place for ever; the master accumulates it. The master is
+    part of the trainer state and survives a save and load."""
+    from checkpoint import load_trainer_state, save_trainer_state
     _, m16 = models()
     opt = make_optimizer(m16, 1e-3, 0.0)
     m16(torch.randint(0, 50, (2, 9))).float().logsumexp(-1).sum().backward()
     opt.step()
     for p in m16.parameters():
         st = opt.state[p]
-        assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.bfloat16
-        assert st["step"].dtype == torch.float32  # the step count is a float32 scalar tensor
-    # the rounding limit, on one weight: lr 1e-3 moves 0.02 (ulp 1.2e-4), lr 1e-6 does not
-    for lr, moves in ((1e-3, True), (1e-6, False)):
-        w = torch.nn.Parameter(torch.full((4,), 0.02, dtype=torch.bfloat16))
-        o = torch.optim.AdamW([w], lr=lr, weight_decay=0.0)
-        w.grad = torch.ones_like(w)
-        o.step()
-        assert bool((w != 0.02).all()) == moves
+        assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == st["master"].dtype == torch.float32
+        assert p.dtype == p.grad.dtype == torch.bfloat16 if p.grad is not None else p.dtype == torch.bfloat16
+        assert torch.equal(st["master"].to(torch.bfloat16), p.detach())
+    # one weight of 0.02 (bf16 spacing 1.2e-4) under 100 steps of lr 1e-6 with a unit gradient: the
+    # pure-bf16 AdamW rounds every step away, the master moves by 1e-4 and the weight by one spacing
+    w_plain, w_ours = (torch.nn.Parameter(torch.full((4,), 0.02, dtype=torch.bfloat16)) for _ in range(2))
+    plain = torch.optim.AdamW([w_plain], lr=1e-6, weight_decay=0.0)
+    ours = make_optimizer(torch.nn.ParameterList([w_ours]), 1e-6, 0.0)
+    for _ in range(100):
+        for w, o in ((w_plain, plain), (w_ours, ours)):
+            w.grad = torch.ones_like(w)
+            o.step()
+    assert bool((w_plain == torch.tensor(0.02, dtype=torch.bfloat16)).all())
+    start = float(torch.tensor(0.02, dtype=torch.bfloat16))  # 0.019958..., the nearest bf16
+    torch.testing.assert_close(ours.state[w_ours]["master"], torch.full((4,), start - 1e-4), rtol=0, atol=2e-7)
+    assert bool((w_ours < torch.tensor(0.02, dtype=torch.bfloat16)).all())
+    # the master is saved with the trainer state and restored exactly
+    save_trainer_state(tmp_path / "ckpt", m16, opt, {"step": 1})
+    _, fresh = models()
+    fresh_opt = make_optimizer(fresh, 1e-3, 0.0)
+    load_trainer_state(tmp_path / "ckpt", fresh, fresh_opt)
+    for (name, p), q in zip(m16.named_parameters(), fresh.parameters()):
+        assert torch.equal(opt.state[p]["master"], fresh_opt.state[q]["master"]), name
 
 
 def test_bf16_checkpoint_is_hf_bf16_safetensors(tmp_path):
@@ -208,11 +224,14 @@ def test_grpo_step_bf16_through_train_main(base, tmp_path):
     row = [r for r in metrics(out / "zero" / "metrics.jsonl") if r["step"] == 1][0]
     assert all(isinstance(v, str) or v == v for v in row.values())  # no NaN anywhere
     assert abs(row["loss"]) < 10 and row["kl"] < 1e-6  # policy == reference before the first update
-    # pi_old is the sampler's (bf16 cache) logprobs on CPU: ratios are 1 within bf16 rounding
-    assert 0.95 < row["ratio_min"] <= row["ratio_max"] < 1.05
+    # one update per batch: pi_old is the update's own forward, detached, so every ratio is exactly 1;
+    # the sampler's bf16 logprobs differ from it by bf16 rounding, which the mismatch log shows
+    assert row["ratio_min"] == row["ratio_max"] == 1.0
+    assert 0 < row["is_logw_abs_mean"] < 0.05
     assert _weights_dtype(out / "zero" / "model") == {"BF16"}
     osd = torch.load(out / "zero" / "ckpt" / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
-    assert {v["exp_avg"].dtype for v in osd.values()} == {torch.bfloat16}
+    # float32 moments and masters (optim.MasterAdamW), saved as such
+    assert {v[k].dtype for v in osd.values() for k in ("exp_avg", "master")} == {torch.float32}
     cfg = json.loads((out / "zero" / "run_config.json").read_text())
     assert cfg["run"]["dtype"] == "bfloat16"
 
@@ -235,3 +254,23 @@ def test_pretrain_honours_dtype(tmp_path):
                        *TINY]) == 0
     assert _weights_dtype(out / "pretrain" / "model") == {"BF16"}
     assert os.path.isfile(out / "pretrain" / "model" / "config.json")
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_master_step_equals_torch_adamw_in_float32(weight_decay):
+    """MasterAdamW's written-out update on a bf16 parameter's master is torch's AdamW on a float32
+    copy fed the same gradients (bf16-exact, so the upcast loses nothing): the reference is torch."""
+    g = torch.Generator().manual_seed(0)
+    w32 = torch.nn.Parameter(torch.randn(5, 7, generator=g).to(torch.bfloat16).float())
+    w16 = torch.nn.Parameter(w32.detach().to(torch.bfloat16))
+    ref = torch.optim.AdamW([w32], lr=1e-2, betas=(0.9, 0.95), weight_decay=weight_decay)
+    ours = make_optimizer(torch.nn.ParameterList([w16]), 1e-2, weight_decay)
+    for _ in range(5):
+        grad = torch.randn(5, 7, generator=g).to(torch.bfloat16)
+        w32.grad, w16.grad = grad.float(), grad.clone()
+        ref.step()
+        ours.step()
+    torch.testing.assert_close(ours.state[w16]["master"], w32.detach(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(w16.detach(), w32.detach().to(torch.bfloat16))
+    for k in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(ours.state[w16][k], ref.state[w32][k], rtol=1e-6, atol=1e-9)
