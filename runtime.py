@@ -435,7 +435,7 @@ class StageRun:
         return path
 
     def non_finite(self, what: str, step: int) -> UserError:
-        last = (f"the last good checkpoint is {self.ckpt} (step {self.saved_step})" if self.saved_step
+        last = (f"the last checkpoint with finite weights is {self.ckpt} (step {self.saved_step})" if self.saved_step
                 else "no checkpoint was saved yet")
         return UserError(f"step {step}: {what} (non-finite); stopped without saving it, {last} -- lower "
                          "--lr (or check the data) and rerun with --restart")

@@ -73,7 +73,7 @@ def test_fit_stops_on_a_non_finite_step_without_saving_it(tmp_path, fault):
         if fault == "refused_step":
             raise FloatingPointError("loss nan, gradient norm inf")
         yield {"loss": math.nan}
-    with pytest.raises(runtime.UserError, match="step 2: .*non-finite.*last good checkpoint"):
+    with pytest.raises(runtime.UserError, match="step 2: .*non-finite.*last checkpoint with finite weights"):
         runtime.fit(run, model, opt, None, steps(), 5, loop_state=dict, keys=["loss"])
     assert saved_step(run) == 1 and [r["step"] for r in rows(run)] == [1]
 

@@ -324,7 +324,7 @@ def test_nan_at_a_checkpoint_step_is_never_saved(pretrain4, tmp_path, monkeypatc
     if at_step == 2:
         assert "no checkpoint was saved yet" in err and not ckpt.exists()
     else:
-        assert f"the last good checkpoint is {ckpt} (step 2)" in err
+        assert f"the last checkpoint with finite weights is {ckpt} (step 2)" in err
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         assert state["state"]["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (out / "pretrain" / "model").exists()
