@@ -9,9 +9,14 @@ It also builds the embedded toy task's character-level tokenizer: one token per 
 the toy alphabet plus one token per tag (`<think>`, `</think>`, `<answer>`, `</answer>`), so the
 tags the format reward reads are single tokens, as they are (or nearly are) in real BPE vocabularies.
 
-Departures: the checkpoint's own Jinja `chat_template` is not executed (it needs jinja2 and runs
-code from the checkpoint), so instruct models' chat formats are not rendered; `r1_zero_prompt()`
-is the report's template verbatim.
+Two prompt templates (`--template`): `r1zero`, the report's Table 1 text verbatim, for base models;
+and `chat`, the checkpoint's own Jinja chat template (`tokenizer_config.json`'s `chat_template`)
+rendered with the R1 instruction as the system message and the question as the user message, for
+instruct models. The template runs in jinja2's sandbox, set up as transformers sets it up (same
+options and globals), so `Tokenizer.apply_chat_template` gives transformers' token ids.
+
+Departures: the chat renderer supports messages (role, content) only: no tools, documents or
+assistant masks; the R1 system instruction is Table 1's text without its "User: ... Assistant:" frame.
 """
 from __future__ import annotations
 
@@ -42,6 +47,42 @@ def r1_zero_prompt(question: str) -> str:
     return R1_ZERO_TEMPLATE.format(prompt=question.strip())
 
 
+# Table 1's instruction without its "User: ... Assistant:" frame: the system message of `--template chat`.
+R1_SYSTEM = R1_ZERO_TEMPLATE.split(" User:")[0]
+TEMPLATES = ("r1zero", "chat")
+
+
+def chat_prompt(tok: "Tokenizer", question: str) -> str:
+    """The `--template chat` prompt text: the checkpoint's chat template with the R1 instruction as
+    the system message, the question as the user message, and the assistant's turn opened."""
+    return tok.render_chat([{"role": "system", "content": R1_SYSTEM},
+                            {"role": "user", "content": question.strip()}], add_generation_prompt=True)
+
+
+def _jinja_template(source: str):
+    """Compile a chat template as transformers does (utils/chat_template_utils.py): an immutable
+    sandbox (templates are code from the checkpoint), trim_blocks and lstrip_blocks, the loopcontrols
+    extension, and the globals templates call: raise_exception, strftime_now, tojson without HTML
+    escaping."""
+    from datetime import datetime
+
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                       dict=lambda *a, **k: dict(*a, **k))
+    return env.from_string(source)
+
+
 # --- tokenizer --------------------------------------------------------------------------------
 
 def _token_text(tok) -> str | None:
@@ -67,7 +108,8 @@ class Tokenizer:
     `<|im_end|>` and `<|endoftext|>`); `eos_id` is the first, the one appended to SFT targets.
     """
 
-    def __init__(self, tok: _HFTokenizer, eos_ids: list[int], pad_id: int | None, bos_id: int | None = None):
+    def __init__(self, tok: _HFTokenizer, eos_ids: list[int], pad_id: int | None, bos_id: int | None = None,
+                 add_bos: bool = False, chat_template: str | None = None):
         if not eos_ids:
             raise ValueError("tokenizer has no end-of-sequence token; set eos_token in tokenizer_config.json")
         self.tok = tok
@@ -75,16 +117,38 @@ class Tokenizer:
         self.eos_id = self.eos_ids[0]
         self.pad_id = pad_id if pad_id is not None else self.eos_id  # pads are masked, any id works
         self.bos_id = bos_id
+        self.add_bos = add_bos and bos_id is not None  # the checkpoint's add_bos_token (Llama-3: true)
+        self.chat_template = chat_template
+        self._compiled = None
 
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; BOS first when `add_bos` (None: the checkpoint's add_bos_token), unless
+        the text already starts with it (a chat template that writes it). Text that continues a
+        sequence (a response after its prompt) passes add_bos=False."""
         ids = self.tok.encode(text, add_special_tokens=False).ids
-        if add_bos and self.bos_id is not None:
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id] + ids
         return ids
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The checkpoint's chat template applied to `messages` ([{"role", "content"}]), as text."""
+        if not self.chat_template:
+            raise ValueError("this checkpoint has no chat template (tokenizer_config.json chat_template); "
+                             "use --template r1zero, or a checkpoint of an instruct model")
+        if self._compiled is None:
+            self._compiled = _jinja_template(self.chat_template)
+        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
+        specials = {k: self.tok.id_to_token(i) for k, i in names.items() if i is not None}
+        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **specials)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered chat (transformers' apply_chat_template(..., tokenize=True)): the
+        text is encoded as is, with no BOS added: templates that want one write it."""
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_bos=False)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -118,7 +182,15 @@ class Tokenizer:
         bos = by_text("bos_token")
         if bos is None and tcfg.get("add_bos_token", False):
             bos = gcfg.get("bos_token_id", mcfg.get("bos_token_id"))
-        return cls(tok, eos_ids, pad, bos)
+        # add_bos_token when the config says; else what tokenizer.json's post-processor does (Llama-3's
+        # TemplateProcessing puts <|begin_of_text|> first)
+        add_bos = tcfg.get("add_bos_token")
+        if add_bos is None:
+            add_bos = bos is not None and tok.encode("a", add_special_tokens=True).ids[:1] == [bos]
+        template = tcfg.get("chat_template")
+        if template is None and (path / "chat_template.jinja").is_file():  # transformers>=4.43 writes it apart
+            template = (path / "chat_template.jinja").read_text()
+        return cls(tok, eos_ids, pad, bos, add_bos=bool(add_bos), chat_template=template)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write tokenizer.json and a tokenizer_config.json that transformers' AutoTokenizer reads."""
@@ -130,10 +202,12 @@ class Tokenizer:
             "eos_token": self.tok.id_to_token(self.eos_id),
             "pad_token": self.tok.id_to_token(self.pad_id),
             "bos_token": self.tok.id_to_token(self.bos_id) if self.bos_id is not None else None,
-            "add_bos_token": self.bos_id is not None,
+            "add_bos_token": self.add_bos,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1 << 20,
         }
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
         (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
