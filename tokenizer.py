@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
-from tokenizers import AddedToken, decoders, models
+from tokenizers import AddedToken, decoders, models, processors
 
 # --- templates --------------------------------------------------------------------------------
 
@@ -118,6 +118,12 @@ class Tokenizer:
         self.pad_id = pad_id if pad_id is not None else self.eos_id  # pads are masked, any id works
         self.bos_id = bos_id
         self.add_bos = add_bos and bos_id is not None  # the checkpoint's add_bos_token (Llama-3: true)
+        if self.add_bos and tok.encode("a", add_special_tokens=True).ids[:1] != [bos_id]:
+            # transformers' fast tokenizers add BOS through tokenizer.json's post-processor, not the
+            # config's flag: write one, so AutoTokenizer encodes as `encode` does
+            bos = tok.id_to_token(bos_id)
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
         self.chat_template = chat_template
         self._compiled = None
 
@@ -218,23 +224,51 @@ TOY_PAD = "<|pad|>"
 TOY_TAGS = [*THINK_TAGS, *ANSWER_TAGS]
 
 
+def byte_symbols() -> dict[int, str]:
+    """GPT-2's byte -> printable symbol table (byte-level BPE's alphabet): printable bytes stand for
+    themselves, the rest (space, control bytes) are moved to code points from 256 on (' ' -> 'Ġ')."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+# Qwen2's split regex (its tokenizer.json): the toy's checkpoints are model_type qwen2, and
+# transformers' AutoTokenizer always builds a Qwen2Tokenizer for those -- NFC, this split, byte-level --
+# from tokenizer.json's vocabulary, whatever tokenizer_config.json names. The toy tokenizer is that
+# pipeline, so AutoTokenizer encodes the toy's text exactly as this file does.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def build_char_tokenizer(alphabet: str) -> Tokenizer:
     """One token per character of `alphabet`, one per think/answer tag, plus eos and pad.
 
     Ids: 0 = pad, 1 = eos, then the tags, then the characters in sorted order, so the vocabulary
     is the same on every machine for the same alphabet. A character outside the alphabet maps to
     `<unk>` (id after the characters); the toy corpus never contains one.
+
+    It is written as a byte-level BPE with no merges (Qwen2's pipeline, see QWEN2_SPLIT): a one-byte
+    character is its byte symbol in the vocabulary (' ' is 'Ġ'); a character of several UTF-8 bytes
+    (Chinese) is an added token matched whole, so every character is still one token. Outside the
+    alphabet the two differ: this tokenizer gives `<unk>`, transformers' Qwen2Tokenizer drops it.
     """
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    sym = byte_symbols()
     chars = sorted(set(alphabet) - {"\r"})
+    wide = [c for c in chars if len(c.encode("utf-8")) > 1]
     specials = [TOY_PAD, TOY_EOS, *TOY_TAGS]
     vocab = {t: i for i, t in enumerate(specials)}
     for c in chars:
-        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c if c in wide else sym[ord(c)], len(vocab))
     vocab["<unk>"] = len(vocab)
-    # BPE with no merges = character level; it keeps the decoder lossless (spaces included).
     tok = _HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.decoder = decoders.Fuse()
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (TOY_PAD, TOY_EOS)])
     # Tags are added (matched whole) but not special: decode(skip_special_tokens=True) keeps them.
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOY_TAGS])
+    tok.add_tokens([AddedToken(c, special=False, normalized=False) for c in wide])
     return Tokenizer(tok, eos_ids=[vocab[TOY_EOS]], pad_id=vocab[TOY_PAD])
