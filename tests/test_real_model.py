@@ -81,6 +81,22 @@ def test_logits_and_greedy_equal_transformers(loaded, hf):
     assert r.tokens[0] == out[0, len(ids):].tolist()
 
 
+def test_conversion_equals_transformers_gguf_loader(smollm2, loaded):
+    """transformers reads the GGUF file itself: the same dequantised tensors, the same logits."""
+    pytest.importorskip("accelerate", reason="transformers' GGUF loader needs accelerate")
+    src = gguf_convert.find_smollm2()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
+                                                            dtype=torch.float32).eval()
+    from safetensors.torch import load_file
+    theirs = ref.state_dict()
+    for k, v in load_file(str(smollm2 / "model.safetensors")).items():
+        assert torch.equal(v, theirs[k]), k
+    model, tok = loaded
+    x = torch.tensor([prompt_ids(tok)])
+    with torch.no_grad():
+        assert (model(x) - ref(x).logits).abs().max().item() < 1e-3
+
+
 def test_tokenizer_and_chat_ids_equal_transformers(loaded, hf):
     (_, tok), (_, auto) = loaded, hf
     for text in ["What is 47+38?", "  Große Zahl: 1234567 — 你好\n\n<think> x </think>", "<|im_start|>user\nhi<|im_end|>"]:
