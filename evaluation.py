@@ -135,7 +135,8 @@ def stage_eval(c: dict, d: Dist) -> dict:
     """Held-out accuracy, format, language and length of --init (default: the run's latest model);
     pass@k and maj@k with --k. One JSON line."""
     run, g = c["run"], c["grpo"]
-    path = find_model(run, str(Path(run.init) if run.init else last_model(Path(run.out))), "--init DIR", "eval", "zero")
+    path = Path(run.init) if run.init else last_model(Path(run.out))
+    path = find_model(run, str(path), "--init DIR", "eval", "zero")
     model, tok = load_model(path, run, d)
     ev = evaluate(model, tok, get_task(run, c["toy"], path).eval_samples(run.eval_n), g.max_new_tokens, k=run.k,
                   seed=run.seed, d=d, temperature=g.temperature)
@@ -173,7 +174,8 @@ def stage_summary(c: dict, d: Dist) -> list[dict]:
     --reward_model) and mean response length. Written to <out>/summary.json."""
     run, g = c["run"], c["grpo"]
     out = Path(run.out)
-    task = get_task(run, c["toy"], last_model(out))  # --template chat: every model of a run has one template
+    # --template chat: the template of the run's latest model (every model of a run carries the same one)
+    task = get_task(run, c["toy"], last_model(out) if run.template == "chat" else None)
     have_rm = (Path(run.reward_model) if run.reward_model else out / "rm" / "model").is_dir()
     rm, rm_tok = load_frozen_rm(run, d, "summary") if have_rm else (None, None)
     general = general_prompts(task, run.eval_n)

@@ -431,8 +431,9 @@ def stage_rm(c: dict, d: Dist) -> None:
     run, rcfg = c["run"], c["rm"]
     if rcfg.batch_size % d.world:
         raise UserError(f"--rm_batch_size {rcfg.batch_size} must be a multiple of the {d.world} ranks")
-    train_pairs, held = preference_data(run, get_task(run, c["toy"]), rcfg.steps * rcfg.batch_size)
-    backbone, tok = load_model(find_model(run, run.init, "--init DIR", "rm", "pretrain"), run, d)
+    src = find_model(run, run.init, "--init DIR", "rm", "pretrain")
+    train_pairs, held = preference_data(run, get_task(run, c["toy"], src), rcfg.steps * rcfg.batch_size)
+    backbone, tok = load_model(src, run, d)
     rm = shard(rmod.init_reward_model(backbone), d)
     opt = make_optimizer(rm, rcfg.lr, rcfg.weight_decay)
     sr = StageRun(run.out, "rm", d, run.ckpt_every, c)

@@ -8,6 +8,8 @@ R1-Zero prompt template (DeepSeek-R1 report, Table 1), used for R1-Zero and ever
 It also builds the embedded toy task's character-level tokenizer: one token per character of
 the toy alphabet plus one token per tag (`<think>`, `</think>`, `<answer>`, `</answer>`), so the
 tags the format reward reads are single tokens, as they are (or nearly are) in real BPE vocabularies.
+It is written as Qwen2's byte-level BPE pipeline with no merges, so transformers' AutoTokenizer reads
+a toy checkpoint's tokenizer exactly as this file does.
 
 Two prompt templates (`--template`): `r1zero`, the report's Table 1 text verbatim, for base models;
 and `chat`, the checkpoint's own Jinja chat template (`tokenizer_config.json`'s `chat_template`)
