@@ -22,9 +22,10 @@ What llama.cpp changed on the way in, undone here:
 Supported: architectures llama, qwen2, qwen3; tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1 (others
 the gguf package can dequantise are accepted too); byte-level BPE vocabularies ("gpt2" in GGUF).
 Departures from transformers' GGUF loader: the pre-tokenizer follows the file's `tokenizer.ggml.pre`
-for every name in PRE_TOKENIZERS (transformers falls back to GPT-2's split for "smollm", so it
-merges digits that SmolLM2's own tokenizer keeps apart); an unknown pre-tokenizer, a SentencePiece
-vocabulary or rope scaling (a `rope_freqs` tensor) is refused with an error rather than guessed.
+for every name in PRE_TOKENIZERS (transformers falls back to GPT-2's split for "smollm"; on SmolLM2's
+own vocabulary, which has no token of two digits, the ids come out the same); an unknown
+pre-tokenizer, a SentencePiece vocabulary or rope scaling (a `rope_freqs` tensor) is refused with an
+error rather than guessed.
 """
 from __future__ import annotations
 
