@@ -1,6 +1,7 @@
 """Benchmarks, one subcommand each.
 
     python bench.py rollout      # our sampler vs transformers' generate vs naive, + batch scaling
+    python bench.py rollout --init DIR   # the same on a real checkpoint, R1 prompts; + one GRPO update
     python bench.py linear       # kernels.cpu_decode.linear (oneDNN) vs F.linear (MKL) on the decode matmuls (CPU)
     python bench.py attention    # the Triton attention kernel vs torch SDPA (needs a GPU)
 
@@ -98,6 +99,16 @@ def bench_rollout(args) -> None:
         cpu_decode.ONEDNN, cpu_decode.SERIAL = saved
 
 
+def real_prompts(path, n: int, template: str) -> tuple[list[list[int]], int]:
+    """(ids of the toy's first n held-out questions in the R1 prompt the runs use, pad id): the
+    checkpoint's chat template with the R1 system message (--template chat), or Table 1's text."""
+    import tasks
+    from tokenizer import Tokenizer, chat_prompt, r1_zero_prompt
+    tok = Tokenizer.from_dir(path)
+    render = (lambda q: chat_prompt(tok, q)) if template == "chat" else r1_zero_prompt
+    return [tok.encode(render(s["question"])) for s in tasks.get_task("toy").eval_samples(n)], tok.pad_id
+
+
 def _bench_rollout(args) -> None:
     import transformers
 
@@ -106,37 +117,45 @@ def _bench_rollout(args) -> None:
 
     P, G, T = args.prompts, args.samples, args.new_tokens
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as d:
-        cfg = transformers.Qwen2Config(**ROLLOUT_MODEL, pad_token_id=0, eos_token_id=None, bos_token_id=None)
-        transformers.Qwen2ForCausalLM(cfg).save_pretrained(d)
-        ours = load_pretrained(d, device=args.device).eval()
-        hf = transformers.AutoModelForCausalLM.from_pretrained(d).to(args.device).eval()
-    prompts = rollout_prompts(P, ROLLOUT_MODEL["vocab_size"], args.min_prompt, args.max_prompt)
-    ids, mask = (x.to(args.device) for x in hf_generate_inputs(prompts, pad=0))
+    if args.init:  # a real checkpoint: both sides load the same directory
+        ours = load_pretrained(args.init, device=args.device).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32).to(args.device).eval()
+        prompts, pad = real_prompts(args.init, P, args.template)
+        desc = f"{args.init} ({ours.cfg.model_type}, {ours.cfg.num_layers} layers, vocab {ours.cfg.vocab_size})"
+        shape = f"R1 prompts, --template {args.template}, lengths {min(map(len, prompts))}..{max(map(len, prompts))}"
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            cfg = transformers.Qwen2Config(**ROLLOUT_MODEL, pad_token_id=0, eos_token_id=None, bos_token_id=None)
+            transformers.Qwen2ForCausalLM(cfg).save_pretrained(d)
+            ours = load_pretrained(d, device=args.device).eval()
+            hf = transformers.AutoModelForCausalLM.from_pretrained(d).to(args.device).eval()
+        prompts, pad = rollout_prompts(P, ROLLOUT_MODEL["vocab_size"], args.min_prompt, args.max_prompt), 0
+        desc = f"Qwen2-style, {ROLLOUT_MODEL}"
+        shape = f"lengths {args.min_prompt}..{args.max_prompt}"
+    ids, mask = (x.to(args.device) for x in hf_generate_inputs(prompts, pad=pad))
     n_tokens = P * G * T
 
     def run_ours():
-        r = generate(ours, prompts, T, num_samples=G, seed=0)
+        r = generate(ours, prompts, T, num_samples=G, seed=0, pad_token_id=pad)  # no eos: full length
         assert sum(map(len, r.tokens)) == n_tokens
 
     def run_hf():
         with torch.no_grad():
             out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
                               temperature=1.0, num_return_sequences=G, max_new_tokens=T, min_new_tokens=T,
-                              pad_token_id=0)
+                              pad_token_id=pad)
         assert out.shape == (P * G, ids.shape[1] + T)
 
     def run_naive():
-        r = generate_naive(ours, prompts, T, num_samples=G, seed=0)
+        r = generate_naive(ours, prompts, T, num_samples=G, seed=0, pad_token_id=pad)
         assert sum(map(len, r.tokens)) == n_tokens
 
     def run_batch1():
         generate(ours, prompts[:1], T, num_samples=1, seed=0)
 
     print(f"machine: {machine()}")
-    print(f"model: Qwen2-style, {ROLLOUT_MODEL}, {ours.num_params() / 1e6:.2f}M params, fp32, "
-          f"same weights (one save_pretrained dir)")
-    print(f"workload: {P} prompts (lengths {args.min_prompt}..{args.max_prompt}) x {G} samples x {T} new "
+    print(f"model: {desc}, {ours.num_params() / 1e6:.2f}M params, fp32, same weights (one directory)")
+    print(f"workload: {P} prompts ({shape}) x {G} samples x {T} new "
           f"tokens, plain sampling (temperature 1, no top-k/top-p); median of {args.repeats} runs")
     print(f"ours: --linear {args.linear} --decode-threads {args.decode_threads}")
     t = median_times({"ours": run_ours, "hf": run_hf, "batch1": run_batch1}, args.repeats)
@@ -159,6 +178,40 @@ def _bench_rollout(args) -> None:
         achieved, peak = weight_bytes / (t_b1 / T), copy_bandwidth(args.device)
         print(f"batch-1 weight bandwidth: {achieved / 1e9:.1f} GB/s = {achieved / peak:.0%} of the measured "
               f"copy bandwidth {peak / 1e9:.0f} GB/s (goal >= 60%)")
+    if args.init:
+        bench_update(ours, generate(ours, prompts, T, num_samples=G, seed=0, pad_token_id=pad), args)
+    if args.profile:
+        profile_sampler(lambda: generate(ours, prompts, T, num_samples=G, seed=0, pad_token_id=pad))
+
+
+def bench_update(model, roll, args) -> None:
+    """Seconds and tokens/s of one GRPO policy update (grpo.policy_update: forward, loss, backward,
+    AdamW step; R1-Zero's loss with its KL term) on the rollout just sampled, random advantages."""
+    import grpo
+    from optim import make_optimizer
+    model.train()
+    cfg = grpo.GRPOConfig(micro_batch=args.train_micro_batch)
+    lcfg = grpo.loss_preset("grpo")
+    N = roll.input_ids.shape[0]
+    with torch.no_grad():
+        ref = grpo.sequence_logprobs(model, roll.input_ids, roll.kv_start, 1.0, cfg.micro_batch)
+    batch = grpo.Batch(roll.input_ids, roll.kv_start, roll.completion_mask.float(), roll.old_logprobs, ref,
+                       torch.randn(N, generator=torch.Generator().manual_seed(0)))
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    t = median_times({"update": lambda: grpo.policy_update(model, batch, cfg, lcfg, opt, cfg.lr)},
+                     repeats=1, warmup=1)["update"]
+    seq_tokens = int((roll.input_ids.shape[1] - roll.kv_start).sum())
+    print(f"\none GRPO update ({N} sequences, micro-batch {cfg.micro_batch}, fp32): {t:.1f} s, "
+          f"{seq_tokens / t:.0f} trained tokens/s (prompt + completion), "
+          f"{int(roll.completion_mask.sum()) / t:.0f} completion tokens/s")
+
+
+def profile_sampler(fn, rows: int = 12) -> None:
+    """torch.profiler's top ops by CPU time over one call of `fn` (what limits the sampler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    print("\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
@@ -215,6 +268,12 @@ def main(argv=None) -> None:
     r.add_argument("--device", default="cpu", help="cpu or cuda (the GPU path is untested here)")
     r.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     r.add_argument("--no-naive", dest="naive", action="store_false", help="skip the slow no-cache baseline")
+    r.add_argument("--init", default="", help="a real checkpoint directory (e.g. gguf_convert.py's SmolLM2) "
+                                              "instead of the random Qwen2-style model; also times one GRPO update")
+    r.add_argument("--template", choices=["chat", "r1zero"], default="chat",
+                   help="with --init: the prompts' template (the toy's held-out questions)")
+    r.add_argument("--train-micro-batch", type=int, default=16, help="with --init: sequences per forward/backward")
+    r.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one sampler call")
     r.add_argument("--linear", choices=["onednn", "mkl"], default="onednn",
                    help="our CPU decode matmuls: oneDNN (kernels/cpu_decode.py, default) or F.linear (MKL)")
     r.add_argument("--decode-threads", choices=["serial", "all"], default="serial",

@@ -137,8 +137,9 @@ def stage_eval(c: dict, d: Dist) -> dict:
     pass@k and maj@k with --k. One JSON line."""
     run, g = c["run"], c["grpo"]
     path = Path(run.init) if run.init else last_model(Path(run.out))
-    model, tok = load_model(find_model(run, str(path), "--init DIR", "eval", "zero"), run, d)
-    ev = evaluate(model, tok, get_task(run, c["toy"]).eval_samples(run.eval_n), g.max_new_tokens, k=run.k,
+    path = find_model(run, str(path), "--init DIR", "eval", "zero")
+    model, tok = load_model(path, run, d)
+    ev = evaluate(model, tok, get_task(run, c["toy"], path).eval_samples(run.eval_n), g.max_new_tokens, k=run.k,
                   seed=run.seed, d=d, temperature=g.temperature)
     if d.main:
         print(json.dumps({"checkpoint": str(path), "n": run.eval_n, **ev}), flush=True)
@@ -173,7 +174,9 @@ def stage_summary(c: dict, d: Dist) -> list[dict]:
     consistency, reward-model score (greedy answers to general prompts; needs <out>/rm/model or
     --reward_model) and mean response length. Written to <out>/summary.json."""
     run, g = c["run"], c["grpo"]
-    out, task = Path(run.out), get_task(run, c["toy"])
+    out = Path(run.out)
+    # --template chat: the template of the run's latest model (every model of a run carries the same one)
+    task = get_task(run, c["toy"], last_model(out) if run.template == "chat" else None)
     have_rm = (Path(run.reward_model) if run.reward_model else out / "rm" / "model").is_dir()
     rm, rm_tok = load_frozen_rm(run, d, "summary") if have_rm else (None, None)
     general = general_prompts(task, run.eval_n)

@@ -53,7 +53,7 @@ from rollout import completion_text, derive_seed, gathered_weights, generate
 from runtime import (Dist, ExampleStream, StageRun, UserError, check_prompts, cosine_lr, find_model, fit,
                      get_task, load_frozen_rm, load_model, resolve_dtype, shard, supervised_steps)
 from sft import SFTConfig
-from tokenizer import Tokenizer, build_char_tokenizer
+from tokenizer import TEMPLATES, Tokenizer, build_char_tokenizer
 from toy import EOS_TEXT, ToyConfig
 
 
@@ -70,6 +70,9 @@ class RunConfig:
     init: str = _setting("", "checkpoint to start from (empty: pretrain's model for zero, sft, rm and rs; sft's "
                              "for grpo; rs's for rl; the latest stage's for eval)")
     task: str = _setting("toy", "toy | countdown | gsm8k | jsonl:PATH")
+    template: str = _setting("r1zero", "prompt template: r1zero (the task's own: the report's Table 1 text, "
+                                       "for base models) | chat (the checkpoint's chat template, the R1 "
+                                       "instruction as the system message, for instruct models)")
     model: str = _setting("toy", "model preset of a model trained from scratch (pretrain)")
     seed: int = _setting(0, "the one seed: data order, initialisation, rollouts")
     device: str = _setting("auto", "auto | cpu | cuda")
@@ -125,6 +128,8 @@ class RunConfig:
                              "(default 300)")
         if self.reward:
             load_rewards(self.reward)  # a bad path or function fails here, before any stage runs
+        if self.template not in TEMPLATES:
+            raise ValueError(f"--template {self.template!r}: valid: {', '.join(TEMPLATES)}")
         if not 0 <= self.general_frac <= 1 or not 0 < self.rs_reasoning_frac <= 1:
             raise ValueError(f"--general_frac {self.general_frac}, --rs_reasoning_frac {self.rs_reasoning_frac}: "
                              "need 0 <= general_frac <= 1 and 0 < rs_reasoning_frac <= 1")
@@ -347,7 +352,7 @@ def rule_rl(c: dict, d: Dist, name: str, src: Path, weights: dict, time_budget: 
     """GRPO on the task's reasoning prompts with the rule rewards at `weights` (zero, grpo, rl without
     general prompts, distill's baseline)."""
     run, g = c["run"], c["grpo"]
-    task = get_task(run, c["toy"])
+    task = get_task(run, c["toy"], src)
     check_prompts(task, src, g.max_new_tokens)
     prompts = PromptStream(lambda start: task.train_samples(run.seed, start=start), d, g.prompts_per_step)
     return run_rl(c, d, name, src, stage_reward(run, weights), prompts, task.eval_samples(run.eval_n), time_budget)
@@ -490,7 +495,7 @@ def stage_sft(c: dict, d: Dist) -> None:
     else:
         zero = find_model(run, "", "--data FILE", "sft", "zero", "R1-Zero model to sample")
         teacher, ttok = load_model(zero, run, d)
-        rows = collect_verified(teacher, ttok, get_task(run, c["toy"]), run.sft_prompts, run.sft_samples,
+        rows = collect_verified(teacher, ttok, get_task(run, c["toy"], zero), run.sft_prompts, run.sft_samples,
                                 c["grpo"], derive_seed(run.seed, "sft"), d)
         if d.main:
             write_jsonl(Path(run.out) / "sft" / "cold_start.jsonl", rows)
@@ -535,8 +540,9 @@ def stage_rm(c: dict, d: Dist) -> None:
     run, rcfg = c["run"], c["rm"]
     if rcfg.batch_size % d.world:
         raise UserError(f"--rm_batch_size {rcfg.batch_size} must be a multiple of the {d.world} ranks")
-    train_pairs, held = preference_data(run, get_task(run, c["toy"]), rcfg.steps * rcfg.batch_size)
-    backbone, tok = load_model(find_model(run, run.init, "--init DIR", "rm", "pretrain"), run, d)
+    src = find_model(run, run.init, "--init DIR", "rm", "pretrain")
+    train_pairs, held = preference_data(run, get_task(run, c["toy"], src), rcfg.steps * rcfg.batch_size)
+    backbone, tok = load_model(src, run, d)
     rm = shard(rmod.init_reward_model(backbone), d)
     opt = make_optimizer(rm, rcfg.lr, rcfg.weight_decay)
     sr = StageRun(run.out, "rm", d, run.ckpt_every, c, shaping(c, "rm"), run.restart)
@@ -560,11 +566,11 @@ def stage_rs(c: dict, d: Dist) -> None:
     model plus the reward model's best answers to general prompts, mixed at --rs_reasoning_frac,
     written to <out>/rs/rs_data.jsonl; then SFT of the base model (or --init) on them."""
     run, g, frac = c["run"], c["grpo"], c["run"].rs_reasoning_frac
-    task = get_task(run, c["toy"])
+    teacher_path = find_model(run, run.teacher, "--teacher DIR", "rs", "grpo", "teacher checkpoint")
+    task = get_task(run, c["toy"], teacher_path)
     if frac < 1.0 and not hasattr(task, "general_samples"):
         raise UserError(f"stage rs: task {run.task!r} has no general prompts; use --task toy or "
                         "--rs_reasoning_frac 1")
-    teacher_path = find_model(run, run.teacher, "--teacher DIR", "rs", "grpo", "teacher checkpoint")
     teacher, ttok = load_model(teacher_path, run, d)
     rm, rm_tok = load_frozen_rm(run, d, "rs") if frac < 1.0 else (None, None)
     reasoning = collect_verified(teacher, ttok, task, run.rs_prompts, run.rs_samples, g,
@@ -595,8 +601,8 @@ def stage_rl(c: dict, d: Dist) -> dict:
     2's rule rewards) and --general_frac general prompts (the reward model's score), routed by
     sample["task"]."""
     run, g = c["run"], c["grpo"]
-    task = get_task(run, c["toy"])
     src = find_model(run, run.init, "--init DIR", "rl", "rs")
+    task = get_task(run, c["toy"], src)
     n_general = round(g.prompts_per_step * run.general_frac)
     if not n_general:
         return rule_rl(c, d, "rl", src, stage2_weights(run))
@@ -624,8 +630,8 @@ def stage_distill(c: dict, d: Dist) -> None:
     --student_steps, the training settings c["student"] of `stage_configs`). Both sides' times count
     their training steps only; the teacher's sampling is not counted (see the module docstring)."""
     run, g = c["run"], c["grpo"]
-    task = get_task(run, c["toy"])
     teacher_path = find_model(run, run.teacher, "--teacher DIR", "distill", "rl", "teacher checkpoint")
+    task = get_task(run, c["toy"], teacher_path)
     base = Path(run.out) / "student_base" / "model"
     if not (base / "config.json").is_file():
         if not hasattr(task, "pretrain_corpus"):

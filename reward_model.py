@@ -113,7 +113,7 @@ def encode_pair(tok: Tokenizer, prompt: str, response: str, max_len: int) -> lis
     the score is read at. Prompt and response are encoded apart, as sft.encode_example does.
     """
     p = tok.encode(prompt) if prompt else []
-    return (p + tok.encode(response) + [tok.eos_id])[-max_len:]
+    return (p + tok.encode(response, add_bos=None if not p else False) + [tok.eos_id])[-max_len:]
 
 
 def collate_scores(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

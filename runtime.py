@@ -203,9 +203,20 @@ def check_prompts(task, model_dir: Path, max_new_tokens: int) -> None:
         task.check_prompts(tok.encode, max_new_tokens, ctx)
 
 
-def get_task(run, toy_cfg):
-    """The task named by --task (tasks.get_task), with the toy's settings for the toy."""
-    return tasks.get_task(run.task, **({"cfg": toy_cfg} if run.task == "toy" else {}))
+def get_task(run, toy_cfg, model_dir: Path | None = None):
+    """The task named by --task (tasks.get_task), with the toy's settings for the toy. With
+    --template chat its prompts are rendered by the chat template of the checkpoint `model_dir` (the
+    model the stage prompts; every checkpoint of a run carries the same template)."""
+    task = tasks.get_task(run.task, **({"cfg": toy_cfg} if run.task == "toy" else {}))
+    if getattr(run, "template", "r1zero") != "chat":
+        return task
+    if model_dir is None:
+        raise UserError("--template chat: this stage has no checkpoint to read the chat template from; "
+                        "use --template r1zero")
+    try:
+        return tasks.ChatPrompts(task, Tokenizer.from_dir(model_dir))
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"--template chat: {e}") from None
 
 
 # --- data -------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ class SFTConfig:
 def encode_example(tok, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
     """Token ids of prompt + response + eos, and a loss mask that is 1 on response and eos tokens."""
     p = tok.encode(prompt) if prompt else []
-    r = tok.encode(response) + [tok.eos_id]
+    r = tok.encode(response, add_bos=None if not p else False) + [tok.eos_id]  # BOS only at the start
     ids, mask = (p + r)[:max_len], ([0] * len(p) + [1] * len(r))[:max_len]
     return ids, mask
 

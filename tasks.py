@@ -23,7 +23,8 @@ Four tasks, each an object with `name`, `train_samples(seed, start=0)` (an infin
 - "jsonl:PATH": your own {prompt, answer} lines.
 
 Real-checkpoint prompts use the R1-Zero template (DeepSeek-R1 report, §2.2.1, Table 1) through
-`tokenizer.r1_zero_prompt`. Files are read through data.py, which checks every line at load; the
+`tokenizer.r1_zero_prompt`; with `--template chat`, `ChatPrompts` re-renders every prompt from its
+"question" through the checkpoint's own chat template (`tokenizer.chat_prompt`). Files are read through data.py, which checks every line at load; the
 loaders here also refuse a gold answer that `rewards.parse_gold` cannot read, with the same one-line
 `path:line: what is wrong; how to fix it` `data.DataError`.
 
@@ -47,7 +48,7 @@ from typing import Iterator
 import data
 import toy
 from answers import parse_gold
-from tokenizer import r1_zero_prompt
+from tokenizer import chat_prompt, r1_zero_prompt
 
 
 # --- Countdown (TinyZero) -------------------------------------------------------------------------
@@ -254,6 +255,39 @@ class JsonlTask(_FileTask):
     def __init__(self, path: str | os.PathLike, eval_path: str | os.PathLike | None = None):
         self.name = f"jsonl:{path}"
         super().__init__(Path(path), Path(eval_path or path), load_jsonl_samples)
+
+
+# --- chat-template prompts (--template chat) ------------------------------------------------------
+
+class ChatPrompts:
+    """`task` with every sample's prompt rendered by the checkpoint's chat template: the R1
+    instruction as the system message, the sample's "question" as the user message, the assistant's
+    turn opened (tokenizer.chat_prompt). Everything else in a sample (gold answers, language) is
+    unchanged, and rewards see only the completion text. The sample streams are the wrapped task's;
+    any other attribute is the task's own, except preference pairs, whose prompts have no question."""
+
+    SAMPLE_STREAMS = ("train_samples", "general_samples")
+
+    def __init__(self, task, tok):
+        if not tok.chat_template:
+            raise ValueError("the checkpoint has no chat template (tokenizer_config.json chat_template); "
+                             "use --template r1zero for a base model")
+        self.task, self.tok = task, tok
+        self.name = getattr(task, "name", "")
+
+    def render(self, s: dict) -> dict:
+        return {**s, "prompt": chat_prompt(self.tok, s["question"])}
+
+    def eval_samples(self, *args, **kw) -> list[dict]:
+        return [self.render(s) for s in self.task.eval_samples(*args, **kw)]
+
+    def __getattr__(self, name):
+        if name == "preference_pairs":
+            raise AttributeError(name)  # stage rm: --data FILE instead
+        attr = getattr(self.task, name)
+        if name in self.SAMPLE_STREAMS:
+            return lambda *args, **kw: map(self.render, attr(*args, **kw))
+        return attr
 
 
 # --- registry -------------------------------------------------------------------------------------
