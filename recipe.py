@@ -52,6 +52,7 @@ from rollout import completion_text, derive_seed, gathered_weights, generate
 from runtime import (Dist, ExampleStream, StageRun, UserError, cosine_lr, find_model, fit, get_task,
                      load_frozen_rm, load_model, shard, supervised_steps)
 from sft import SFTConfig
+from sweep import SweepConfig
 from tokenizer import Tokenizer, build_char_tokenizer
 from toy import EOS_TEXT, ToyConfig
 
@@ -124,7 +125,7 @@ SFT_STAGE_DEFAULTS = {"pretrain": dict(steps=600, batch_size=64, micro_batch=64,
 RL_STAGE_DEFAULTS = {"rl": dict(steps=20)}  # stage 4: a short polish of the rs model
 # The configs of a stage, by key in the dict `stage_configs` returns (and run_config.json holds).
 CONFIGS = {"run": RunConfig, "sft": SFTConfig, "grpo": GRPOConfig, "loss": LossConfig, "rm": RMConfig,
-           "toy": ToyConfig}
+           "toy": ToyConfig, "sweep": SweepConfig}  # sweep: read by train.main, never by a stage
 
 
 def stage_configs(args: dict[str, dict], stage: str) -> dict:
@@ -237,7 +238,7 @@ def run_rl(c: dict, d: Dist, name: str, src: Path, reward_fn: RewardFn, prompts:
                           seed=run.seed, rank=d.rank, world=d.world, all_reduce=d.sum_fn())
     result = fit(sr, policy, opt, tok, steps, g.steps, loop_state=prompts.state, keys=RL_KEYS,
                  evaluate=lambda: evaluate(policy, tok, eval_set, g.max_new_tokens, d=d),
-                 eval_every=run.eval_every, time_budget=time_budget)
+                 eval_every=run.eval_every, time_budget=time_budget, token_budget=g.token_budget)
     sr.save_model(policy, tok)
     return result
 
