@@ -303,7 +303,7 @@ def fit(run: StageRun, model, optimizer, tok, steps: Iterator[dict], total: int,
     t0, step_time, step = time.perf_counter(), run.state.get("seconds", 0.0), run.start
     tokens = run.state.get("tokens", 0.0)
     steps = iter(steps)
-    while step < total:
+    while step < total and not (token_budget > 0 and tokens >= token_budget):  # (a resumed, spent run)
         ts = time.perf_counter()
         try:
             row = next(steps)
