@@ -119,7 +119,7 @@ ALL_STAGES = ("pretrain", "zero", "sft", "grpo", "rm", "rs", "rl", "distill", "s
 SFT_STAGES, RL_STAGES = ("pretrain", "sft", "rs", "distill"), ("zero", "grpo", "rl")
 # The toy's settings per stage, over the config classes' own defaults (SFTConfig's are the cold
 # start's, GRPOConfig's R1-Zero's and stage 2's); a flag on the command line overrides them.
-SFT_STAGE_DEFAULTS = {"pretrain": dict(steps=600, batch_size=64, micro_batch=64, lr=3e-3, warmup=30),
+SFT_STAGE_DEFAULTS = {"pretrain": dict(steps=600, batch_size=64, micro_batch=16, lr=3e-3, warmup=30),
                       "rs": dict(steps=100),                # stage 3's SFT, from the base model
                       "distill": dict(steps=300, lr=1e-3)}  # the student is smaller: a larger lr
 RL_STAGE_DEFAULTS = {"rl": dict(steps=20)}  # stage 4: a short polish of the rs model
