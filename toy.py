@@ -150,10 +150,11 @@ def _setting(default, help: str):
 
 @dataclass
 class ToyConfig:
-    min_digits: int = _setting(2, "toy: fewest digits in an operand (1 allows 0..9)")
-    # 2..4 digits: a range of difficulty. `--max_digits 2` is the first toy (2-digit sums only, on
-    # which R1-Zero saturates within ten steps); the two corpus settings below change nothing there.
-    max_digits: int = _setting(4, "toy: most digits in an operand (each operand's count is uniform in "
+    min_digits: int = _setting(1, "toy: fewest digits in an operand (1 allows 0..9)")
+    # 1..3 digits: a range of difficulty. `--min_digits 2 --max_digits 2` is the first toy (2-digit
+    # sums only, on which R1-Zero saturates within ten steps); the two corpus settings below change
+    # nothing there. With 2..4 digits, 600 pretraining steps left the base misreading the digits.
+    max_digits: int = _setting(3, "toy: most digits in an operand (each operand's count is uniform in "
                                   "min..max)")
     zh_frac: float = _setting(0.3, "toy: share of prompts written in Chinese")
     eval_frac: float = _setting(0.1, "toy: share of problems held out (by a hash of the pair)")
@@ -163,7 +164,7 @@ class ToyConfig:
     direct_frac: float = _setting(0.45, "toy corpus: answer only, right (what greedy decoding mostly picks)")
     wrong_frac: float = _setting(0.15, "toy corpus: final answer off (steps right), half worked, half direct")
     cross_lang_frac: float = _setting(0.10, "toy corpus: worked and right, steps in the other language")
-    worked_decay: float = _setting(0.4, "toy corpus: the worked share is multiplied by this for each digit "
+    worked_decay: float = _setting(0.5, "toy corpus: the worked share is multiplied by this for each digit "
                                         "the longer operand has beyond min_digits (the rest answer directly)")
     zh_think_max_digits: int = _setting(2, "toy corpus: Chinese chains of thought only on problems up to "
                                            "this many digits; longer ones are worked in English")
