@@ -315,7 +315,7 @@ class GRPOConfig:
     prompts_per_step: int = field(default=32, metadata={"help": "P: prompts per RL step (global, over ranks)"})
     # DeepSeekMath: 64; the R1 report: 16
     group_size: int = field(default=8, metadata={"help": "G: samples per prompt (the group)"})
-    # the toy's worked answers: up to 83 tokens (two 3-digit operands, English steps)
+    # the toy's worked answers: up to 83 tokens (3-digit operands, English steps)
     max_new_tokens: int = field(default=128, metadata={"help": "generation budget per sample (tokens)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature; logprobs are the "
                                                               "tempered policy's"})
