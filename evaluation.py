@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import reward_model as rmod
-from rewards import accuracy_reward, extract_answer, format_reward, language_reward
+from rewards import THINK_OPEN, accuracy_reward, extract_answer, format_reward, language_reward
 from rollout import completion_text, derive_seed, gathered_weights, generate
 from runtime import Dist, UserError, find_model, get_task, load_frozen_rm, load_model
 
@@ -30,11 +30,16 @@ from runtime import Dist, UserError, find_model, get_task, load_frozen_rm, load_
 def evaluate(model, tok, samples: list[dict], max_new_tokens: int, k: int = 1, seed: int = 0,
              d: Dist | None = None, temperature: float = 1.0) -> dict:
     """Greedy accuracy, format and language rates and mean length on `samples`; with k > 1 also
-    pass@k and maj@k over k samples at `temperature`."""
+    pass@k and maj@k over k samples at `temperature`. `think` is the share of answers that open a
+    <think>, `cot_language` the language consistency over those answers only (1.0 when none
+    thinks): `language` also counts a direct answer to a Chinese prompt as inconsistent (its
+    <answer> tags are Latin letters), so a model that learns to think can raise `language` while its
+    chains of thought drift to the other language."""
     d = d or Dist()
     mine = samples[d.rank::d.world]
     prompts = [tok.encode(s["prompt"]) for s in mine]
-    sums = {"n": 0.0, "accuracy": 0.0, "format": 0.0, "language": 0.0, "response_length": 0.0}
+    sums = {"n": 0.0, "accuracy": 0.0, "format": 0.0, "language": 0.0, "response_length": 0.0, "think": 0.0,
+            "cot_language": 0.0}
     if k > 1:
         sums.update({f"pass@{k}": 0.0, f"maj@{k}": 0.0})
     with torch.no_grad(), gathered_weights(model):
@@ -50,14 +55,19 @@ def evaluate(model, tok, samples: list[dict], max_new_tokens: int, k: int = 1, s
         sums["format"] += format_reward(text)
         sums["language"] += language_reward(text, s["prompt"])
         sums["response_length"] += len(greedy.tokens[i])
+        if THINK_OPEN in text:
+            sums["think"] += 1.0
+            sums["cot_language"] += language_reward(text, s["prompt"])
         if sampled is not None:
             texts = [completion_text(tok, t) for t in sampled.tokens[i * k:(i + 1) * k]]
             rights = [accuracy_reward(t, s) for t in texts]
             sums[f"pass@{k}"] += float(max(rights))
             sums[f"maj@{k}"] += majority_right(texts, rights)
     tot = {key: d.all_reduce(v) for key, v in sums.items()}
-    n = max(tot.pop("n"), 1.0)
-    return {key: v / n for key, v in tot.items()}
+    n, thinking = max(tot.pop("n"), 1.0), tot["think"]
+    out = {key: v / n for key, v in tot.items()}
+    out["cot_language"] = tot["cot_language"] / thinking if thinking else 1.0
+    return out
 
 
 def majority_right(texts: list[str], rights: list[float]) -> float:

@@ -149,7 +149,8 @@ def run_sweep(args: dict[str, dict], sc: SweepConfig, stages: list[str], to_argv
 
 RL_STAGE_DIRS = ("zero", "grpo", "rl", "distill_zero")
 RL_START = {"zero": "pretrain", "grpo": "sft", "rl": "rs", "distill_zero": "student_base"}  # by default
-TABLE_COLS = ("accuracy", "format", "language", "rm_score", "response_length", "steps", "sampled_tokens")
+TABLE_COLS = ("accuracy", "format", "language", "think", "cot_language", "rm_score", "response_length", "steps",
+              "sampled_tokens")
 
 
 def run_results(run_dir: Path) -> dict[str, dict]:

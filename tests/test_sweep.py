@@ -111,3 +111,25 @@ def test_seeds_end_to_end_at_micro_size(tmp_path, capsys):
     assert "mean (lowest..highest) over seeds 0,1" in out
     assert train.main(argv) == 0
     assert capsys.readouterr().out.count("every stage done, skipped") == 2
+
+
+def test_evaluate_separates_thinking_from_its_language(monkeypatch):
+    """`language` counts a direct answer to a Chinese prompt as inconsistent; `cot_language` is the
+    consistency of the answers that think, so a drift of the chains of thought shows there."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tokenizer import build_char_tokenizer
+    from toy import ToyArithmetic, direct_response, worked_response
+    toy = ToyArithmetic()
+    tok = build_char_tokenizer(toy.alphabet())
+    zh = toy.sample(12, 34, "zh")
+    samples = [zh, zh, zh, toy.sample(12, 34, "en")]
+    texts = [direct_response(46), worked_response(12, 34, "en"), worked_response(12, 34, "zh"),
+             worked_response(12, 34, "en")]
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: SimpleNamespace(tokens=[tok.encode(t) for t in texts]))
+    ev = evaluation.evaluate(torch.nn.Linear(1, 1), tok, samples, 8)
+    assert ev["accuracy"] == 1.0 and ev["think"] == 0.75
+    assert ev["cot_language"] == pytest.approx(2 / 3)  # of three chains, the English one to a Chinese prompt is off
+    assert ev["language"] == pytest.approx(2 / 4)  # the direct Chinese answer counts as off too
