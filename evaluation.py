@@ -131,11 +131,11 @@ def read_metrics(stage_dir: Path) -> list[dict]:
     return [json.loads(ln) for ln in mfile.read_text().splitlines() if ln.strip()]
 
 
-def plot_groups(groups: dict[str, list[Path]], out: Path) -> list[Path]:
+def plot_groups(groups: dict[str, list[Path]], out: Path, max_step: int = 0) -> list[Path]:
     """accuracy.png and length.png in `out`: for each group of runs (label -> stage directories,
     e.g. one stage over seeds), the mean over its runs with a band from the lowest to the highest
     run: held-out greedy accuracy (solid, markers) and sampled training accuracy (dashed, the same
-    colour) against RL step; mean sampled response length against RL step. Raises
+    colour) against RL step; mean sampled response length against RL step; up to `max_step` if > 0. Raises
     FileNotFoundError for a directory without metrics and ImportError without matplotlib."""
     import matplotlib
     matplotlib.use("Agg")
@@ -144,7 +144,7 @@ def plot_groups(groups: dict[str, list[Path]], out: Path) -> list[Path]:
     n_runs = sorted({len(dirs) for dirs in groups.values()})
     for i, (label, dirs) in enumerate(groups.items()):
         colour = f"C{i % 10}"
-        rows = [read_metrics(p) for p in dirs]
+        rows = [[r for r in read_metrics(p) if not max_step or r["step"] <= max_step] for p in dirs]
         curves = {key: [[(r["step"], r[key]) for r in rs if key in r] for rs in rows]
                   for key in ("eval/accuracy", "reward/accuracy", "response_length")}
         for key, fig, style, text in (("eval/accuracy", "accuracy", dict(marker="o", ms=3), "held-out"),

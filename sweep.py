@@ -142,7 +142,8 @@ def run_sweep(args: dict[str, dict], sc: SweepConfig, stages: list[str], to_argv
     if failed:
         raise UserError(f"{len(failed)} run(s) failed: {', '.join(failed)}; read their train.log, fix, and "
                         "run the same command again (finished runs are skipped, killed ones resume)")
-    sweep_report(sc, out, seed, stages)
+    only_rl = all(s in RL_STAGE_DIRS for s in stages)
+    sweep_report(sc, out, seed, stages, args["grpo"].get("steps", 0) if only_rl else 0)
 
 
 # --- the table and the plots -----------------------------------------------------------------------
@@ -153,19 +154,21 @@ TABLE_COLS = ("accuracy", "format", "language", "think", "cot_language", "rm_sco
               "sampled_tokens")
 
 
-def run_results(run_dir: Path) -> dict[str, dict]:
+def run_results(run_dir: Path, max_step: int = 0) -> dict[str, dict]:
     """{model: its held-out numbers} of one run directory: summary.json's rows where the run has
     one, else each RL stage's first (the model it started from) and last held-out evaluation, with
-    the RL stages' steps and sampled tokens."""
+    the RL stages' steps and sampled tokens. `max_step` > 0 reads the RL stages up to that step
+    only (and not summary.json): a longer run of the same seed and settings stands in for a
+    shorter one, as its first steps are the shorter run's (the RL learning rate is constant)."""
     results: dict[str, dict] = {}
     summary = run_dir / "summary.json"
-    if summary.is_file():
+    if summary.is_file() and not max_step:
         for row in json.loads(summary.read_text()):
             results[row["stage"]] = {k: v for k, v in row.items() if k != "stage"}
     for st in RL_STAGE_DIRS:
         if not (run_dir / st / "metrics.jsonl").is_file():
             continue
-        rows = read_metrics(run_dir / st)
+        rows = [r for r in read_metrics(run_dir / st) if not max_step or r["step"] <= max_step]
         evals = [r for r in rows if "eval/accuracy" in r]
         steps = [r for r in rows if "loss" in r]
         if not evals or not steps:
@@ -188,12 +191,12 @@ def model_order(name: str) -> int:
     return SUMMARY_STAGES.index(name) if name in SUMMARY_STAGES else len(SUMMARY_STAGES)
 
 
-def sweep_table(groups: dict[str, list[Path]]) -> list[dict]:
+def sweep_table(groups: dict[str, list[Path]], max_step: int = 0) -> list[dict]:
     """One row per (group, model): each column's {mean, min, max, n} over the group's runs, over the
-    runs that have the model and the column."""
+    runs that have the model and the column (RL stages read up to `max_step`, see run_results)."""
     rows = []
     for group, dirs in groups.items():
-        per_run = [run_results(p) for p in dirs]
+        per_run = [run_results(p, max_step) for p in dirs]
         models = sorted({m for r in per_run for m in r}, key=model_order)
         for m in models:
             row = {"group": group, "model": m, "runs": sum(m in r for r in per_run)}
@@ -215,13 +218,14 @@ def cell(stat: dict | None, col: str) -> str:
     return f"{fmt.format(stat['mean'])} ({fmt.format(stat['min'])}..{fmt.format(stat['max'])})"
 
 
-def sweep_report(sc: SweepConfig, out: Path, seed: int, stages: list[str]) -> list[dict]:
+def sweep_report(sc: SweepConfig, out: Path, seed: int, stages: list[str], max_step: int = 0) -> list[dict]:
     """<out>/sweep.json, the table on stdout, and <out>/accuracy.png and length.png when the runs
-    have RL curves."""
+    have RL curves; with `max_step` (a sweep of RL stages only, --steps given) the RL runs are read
+    and drawn up to that step, so a run directory linked in from a longer run counts as its prefix."""
     groups: dict[str, list[Path]] = {}
     for group, _, run_dir, _ in plan_runs(sc, out, seed):
         groups.setdefault(group, []).append(run_dir)
-    rows = sweep_table(groups)
+    rows = sweep_table(groups, max_step)
     (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
     cols = [c for c in TABLE_COLS if any(c in r for r in rows)]
     table = [{"group": r["group"] or "-", "model": r["model"], "runs": r["runs"],
@@ -237,7 +241,7 @@ def sweep_report(sc: SweepConfig, out: Path, seed: int, stages: list[str]) -> li
                 curves[", ".join(x for x in (STAGE_TITLES.get(st, st), group) if x)] = have
     if curves:
         try:
-            for path in plot_groups(curves, out):
+            for path in plot_groups(curves, out, max_step):
                 print(f"[sweep] wrote {path}", flush=True)
         except ImportError:
             print("[sweep] no plots: matplotlib is missing (pip install -e '.[plot]')", flush=True)

@@ -74,6 +74,10 @@ def test_sweep_table_mean_and_spread_over_seeds(tmp_path):
     assert z["language"]["mean"] == 0.5 and z["steps"]["mean"] == 4
     assert z["sampled_tokens"] == {"mean": 440.0, "min": 400.0, "max": 480.0, "n": 2}
     assert sweep.cell(z["accuracy"], "accuracy") == "0.700 (0.500..0.900)"
+    # read up to step 2: a longer run of the same seed stands in for a 2-step one
+    z2 = {r["model"]: r for r in sweep.sweep_table({"": [tmp_path / "s0", tmp_path / "s1"]}, max_step=2)}["zero"]
+    assert z2["accuracy"]["mean"] == pytest.approx(0.3) and z2["steps"]["mean"] == 2
+    assert z2["sampled_tokens"]["mean"] == 220.0
 
 
 def test_mean_band_uses_the_steps_every_run_has():
