@@ -13,7 +13,8 @@ process in its own run directory:
     <out>/<NAME>=<V>/seed<S>/<stage>/...   --sweep (with --seeds, or --seed's one seed)
 
 "{seed}" in a flag's value is the run's seed (--init runs/seeds/seed{seed}/pretrain/model: each
-seed's own base model). `--parallel N` runs N processes at once, each with cores / N torch threads (unless --threads says).
+seed's own base model). `--parallel N` runs N processes at once, each with cores / N torch threads
+(unless --threads says).
 A finished stage is not rerun: a run directory whose stages all hold a model is skipped, and a
 killed run resumes from its checkpoints. Then `sweep_table` writes <out>/sweep.json and prints one
 table, each cell the mean over seeds with the lowest and highest seed's value, "mean (min..max)",

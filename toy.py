@@ -13,7 +13,9 @@ and 3). Operands have 2 or 3 digits, and the harder the problem the rarer its wo
 the corpus (`worked_decay`), so R1-Zero's accuracy climbs over tens of steps instead of saturating
 in ten as it did on 2-digit sums alone (`--max_digits 2`, the first toy); 3-digit problems are
 worked in English only (`zh_think_max_digits`), so R1-Zero's reasoning on hard Chinese prompts comes
-out in English (the report's language mixing) in every seed rather than by chance. A small share of the corpus is general requests ("name a color"), answered well or in one
+out in English (the report's language mixing) in every seed rather than by chance.
+
+A small share of the corpus is general requests ("name a color"), answered well or in one
 of three dispreferred ways; `general_samples()` and `preference_pairs()` give the non-verifiable
 prompts of stages 3-4 (rejection sampling, a preference reward model).
 
