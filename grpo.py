@@ -410,12 +410,15 @@ RewardFn = Callable[[list[str], list[dict]], tuple[list[float], dict[str, list[f
 class GRPOConfig:
     """Settings of the RL loop; the loss itself is `LossConfig` (preset + per-field overrides)."""
     steps: int = field(default=80, metadata={"help": "optimizer steps (RL: one rollout batch each)"})
+    token_budget: int = field(default=0, metadata={"help": "RL: also stop once this many completion tokens "
+                                                           "have been sampled, refills included (0: off); "
+                                                           "budget-matched ablations"})
     # DeepSeekMath: 1024
     prompts_per_step: int = field(default=32, metadata={"help": "P: prompts per RL step (global, over ranks)"})
     # DeepSeekMath: 64; the R1 report: 16
     group_size: int = field(default=8, metadata={"help": "G: samples per prompt (the group)"})
-    # the toy's worked answers are about 45 tokens
-    max_new_tokens: int = field(default=80, metadata={"help": "generation budget per sample (tokens)"})
+    # the toy's worked answers: up to 83 tokens (3-digit operands, English steps)
+    max_new_tokens: int = field(default=128, metadata={"help": "generation budget per sample (tokens)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature; logprobs are the "
                                                               "tempered policy's"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1: off, the full policy)"})
@@ -438,11 +441,11 @@ class GRPOConfig:
     def __post_init__(self):
         small = [f"{n}={getattr(self, n)}" for n in ("prompts_per_step", "group_size", "max_new_tokens", "mu",
                                                       "minibatches", "micro_batch") if getattr(self, n) < 1]
-        small += [f"{n}={getattr(self, n)}" for n in ("steps", "warmup", "max_refill", "lr")
+        small += [f"{n}={getattr(self, n)}" for n in ("steps", "warmup", "max_refill", "lr", "token_budget")
                   if getattr(self, n) < 0]
         if small:
             raise ValueError(f"GRPOConfig: {', '.join(small)}; counts must be at least 1 (steps, warmup, "
-                             "max_refill and lr at least 0)")
+                             "max_refill, lr and token_budget at least 0)")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or not self.max_grad_norm > 0:
             raise ValueError(f"GRPOConfig: need temperature >= 0, 0 < top_p <= 1 and max_grad_norm > 0, got "
                              f"{self.temperature}, {self.top_p}, {self.max_grad_norm}")
@@ -498,7 +501,8 @@ def rl_step(policy, ref, tok, draw_prompts, reward_fn: RewardFn, cfg: GRPOConfig
     stats = policy_update(policy, batch, cfg, lcfg, optimizer, lr, world, all_reduce)
     stats.update(info, lr=lr, gen_time=gen_time, train_time=time.perf_counter() - t1)
     if all_reduce is not None:  # average every stat over ranks; token and prompt counts are summed
-        stats = {k: (all_reduce(v) if k in ("gen_tokens", "prompts_drawn") else all_reduce(v) / world)
+        summed = ("gen_tokens", "prompts_drawn", "sampled_tokens")
+        stats = {k: (all_reduce(v) if k in summed else all_reduce(v) / world)
                  for k, v in stats.items()}
     return stats
 
@@ -526,7 +530,7 @@ def collect(policy, ref, tok, draw_prompts, n_prompts: int, reward_fn: RewardFn,
     G, P = cfg.group_size, n_prompts
     samples = draw_prompts(P)
     roll, rewards, comps, parts = _sample_and_score(policy, tok, samples, reward_fn, cfg, lcfg, seed)
-    n_drawn = P
+    n_drawn, sampled = P, float(roll.lengths.sum())  # every sampled token, discarded groups' too
     if lcfg.dynamic_sampling:  # DAPO section 3.2: replace groups whose rewards are all equal
         for rnd in range(cfg.max_refill):
             keep = informative_groups(rewards)                                   # (P,)
@@ -536,6 +540,7 @@ def collect(policy, ref, tok, draw_prompts, n_prompts: int, reward_fn: RewardFn,
             n_drawn += len(extra)
             r2, rew2, _, parts2 = _sample_and_score(policy, tok, extra, reward_fn, cfg, lcfg,
                                                     derive_seed(seed, "refill", rnd))
+            sampled += float(r2.lengths.sum())
             kept = keep.nonzero().flatten().tolist()
             roll = concat_groups([(roll, kept), (r2, list(range(len(extra))))], G, tok.pad_id)
             rewards = torch.cat([rewards[kept], rew2])                            # (P, G)
@@ -559,7 +564,7 @@ def collect(policy, ref, tok, draw_prompts, n_prompts: int, reward_fn: RewardFn,
     info = {
         "reward": float(rewards.mean()), **{f"reward/{k}": v for k, v in comps.items()},
         "response_length": float(lengths.mean()), "gen_tokens": float(lengths.sum()),
-        "informative_groups": float(informative_groups(rewards).float().mean()),
+        "sampled_tokens": sampled, "informative_groups": float(informative_groups(rewards).float().mean()),
         "prompts_drawn": float(n_drawn),
         "finish_eos": sum(r == "eos" for r in roll.finish_reasons) / len(roll.finish_reasons),
     }

@@ -53,6 +53,7 @@ from rollout import completion_text, derive_seed, gathered_weights, generate
 from runtime import (Dist, ExampleStream, StageRun, UserError, check_prompts, cosine_lr, find_model, fit,
                      get_task, load_frozen_rm, load_model, resolve_dtype, shard, supervised_steps)
 from sft import SFTConfig
+from sweep import SweepConfig
 from tokenizer import TEMPLATES, Tokenizer, build_char_tokenizer
 from toy import EOS_TEXT, ToyConfig
 
@@ -141,13 +142,13 @@ ALL_STAGES = ("pretrain", "zero", "sft", "grpo", "rm", "rs", "rl", "distill", "s
 SFT_STAGES, RL_STAGES = ("pretrain", "sft", "rs", "distill"), ("zero", "grpo", "rl")
 # The toy's settings per stage, over the config classes' own defaults (SFTConfig's are the cold
 # start's, GRPOConfig's R1-Zero's and stage 2's); a flag on the command line overrides them.
-SFT_STAGE_DEFAULTS = {"pretrain": dict(steps=600, batch_size=64, micro_batch=64, lr=3e-3, warmup=30),
+SFT_STAGE_DEFAULTS = {"pretrain": dict(steps=600, batch_size=64, micro_batch=16, lr=3e-3, warmup=30),
                       "rs": dict(steps=100),                # stage 3's SFT, from the base model
                       "distill": dict(steps=300, lr=1e-3)}  # the student is smaller: a larger lr
 RL_STAGE_DEFAULTS = {"rl": dict(steps=20)}  # stage 4: a short polish of the rs model
 # The configs of a stage, by key in the dict `stage_configs` returns (and run_config.json holds).
 CONFIGS = {"run": RunConfig, "sft": SFTConfig, "grpo": GRPOConfig, "loss": LossConfig, "rm": RMConfig,
-           "toy": ToyConfig}
+           "toy": ToyConfig, "sweep": SweepConfig}  # sweep: read by train.main, never by a stage
 
 
 # --- what shapes a stage's result (runtime.StageRun compares it with a checkpoint's) ------------------
@@ -343,7 +344,7 @@ def run_rl(c: dict, d: Dist, name: str, src: Path, reward_fn: RewardFn, prompts:
                           prompt_index=prompts.index())
     result = fit(sr, policy, opt, tok, steps, g.steps, loop_state=prompts.state, keys=RL_KEYS,
                  evaluate=lambda: evaluate(policy, tok, eval_set, g.max_new_tokens, d=d),
-                 eval_every=run.eval_every, time_budget=time_budget)
+                 eval_every=run.eval_every, time_budget=time_budget, token_budget=g.token_budget)
     sr.save_model(policy, tok)
     return result
 

@@ -482,7 +482,7 @@ def cosine_lr(cfg) -> Callable[[int], float]:
 
 def fit(run: StageRun, model, optimizer, tok, steps: Iterator[dict], total: int, *,
         loop_state: Callable[[], dict], keys: Sequence[str], evaluate: Callable[[], dict] | None = None,
-        eval_every: int = 0, time_budget: float = 0.0) -> dict:
+        eval_every: int = 0, time_budget: float = 0.0, token_budget: float = 0.0) -> dict:
     """Run `steps` (one metrics row per optimizer step, from step `run.start` on) to `total` steps.
 
     After each step: stop on a non-finite loss, or a step `clip_and_step` refused (a non-finite
@@ -491,8 +491,9 @@ def fit(run: StageRun, model, optimizer, tok, steps: Iterator[dict], total: int,
     at step 0 of a fresh run), print about PROGRESS_LINES lines, and save the trainer state (model,
     optimizer, `loop_state()`) every `run.ckpt_every` steps and at the end. `time_budget` > 0 stops
     once the steps themselves (evaluations and saving not counted) have taken that many seconds, on
-    the slowest rank's clock so every rank stops at the same step. Returns {steps, seconds}, the
-    seconds of every step run, before a resume too (they are part of the saved state).
+    the slowest rank's clock so every rank stops at the same step; `token_budget` > 0 stops once
+    the rows' "sampled_tokens" (summed over ranks by the step) reach it. Returns {steps, seconds,
+    tokens}, over every step run, before a resume too (they are part of the saved state).
     """
     d = run.d
     if evaluate is not None and run.start == 0:
@@ -501,18 +502,21 @@ def fit(run: StageRun, model, optimizer, tok, steps: Iterator[dict], total: int,
         run.print("step 0 held-out " + "  ".join(f"{k} {v:.3f}" for k, v in ev.items()))
     every = max(1, total // PROGRESS_LINES)
     t0, step_time, step = time.perf_counter(), run.state.get("seconds", 0.0), run.start
+    tokens = run.state.get("tokens", 0.0)
     steps = iter(steps)
-    while step < total:
+    while step < total and not (token_budget > 0 and tokens >= token_budget):  # (a resumed, spent run)
         ts = time.perf_counter()
         try:
             row = next(steps)
         except FloatingPointError as e:  # clip_and_step refused a non-finite step, or sampling NaN logits
             raise run.non_finite(str(e), step + 1) from None
         step_time += time.perf_counter() - ts
+        tokens += row.get("sampled_tokens", 0.0)
         step += 1
         if not math.isfinite(row["loss"]):
             raise run.non_finite(f"loss {row['loss']}", step)
-        done = step == total or (time_budget > 0 and d.all_reduce(step_time, "max") >= time_budget)
+        done = (step == total or (time_budget > 0 and d.all_reduce(step_time, "max") >= time_budget)
+                or (token_budget > 0 and tokens >= token_budget))
         row = {"step": step, **row}
         if evaluate is not None and ((eval_every and step % eval_every == 0) or done):
             row.update({f"eval/{k}": v for k, v in evaluate().items()})
@@ -520,7 +524,8 @@ def fit(run: StageRun, model, optimizer, tok, steps: Iterator[dict], total: int,
         if step % every == 0 or done or "eval/accuracy" in row:
             run.print(progress_line(step, total, time.perf_counter() - t0, row, keys))
         if step % run.ckpt_every == 0 or done:
-            run.save_state(model, optimizer, tok, {**loop_state(), "step": step, "seconds": step_time, "done": done})
+            run.save_state(model, optimizer, tok, {**loop_state(), "step": step, "seconds": step_time,
+                                                   "tokens": tokens, "done": done})
         if done:
             break
-    return {"steps": step, "seconds": step_time}
+    return {"steps": step, "seconds": step_time, "tokens": tokens}

@@ -88,7 +88,10 @@ def sft_step(model, optimizer, batch: list, pad_id: int, cfg: SFTConfig, lr: flo
     its loss so that the sum over ranks is the global token mean (FSDP averages gradients over
     ranks, hence the factor `world`). `all_reduce(x)` sums a float over ranks (None on one process).
     """
-    mine = batch[rank::world]
+    # micro-batches of similar lengths pad less (the toy corpus mixes 20- and 130-token documents:
+    # pretraining ran 2.4x faster per step at micro_batch 16 than unsorted at 64); the loss is a
+    # sum over tokens, so the grouping does not change the update
+    mine = sorted(batch[rank::world], key=lambda example: len(example[0]))
     total = float(sum(sum(m[1:]) for _, m in batch))  # target tokens in the global batch
     set_lr(optimizer, lr)
     device = next(model.parameters()).device

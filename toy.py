@@ -9,7 +9,13 @@ The corpus mixes worked (chain-of-thought) answers, direct answers, wrong answer
 in the other language (`ToyConfig` sets the shares), so the base model mostly answers directly (and
 often wrongly) under greedy decoding but sometimes thinks when sampled; GRPO with accuracy + format
 rewards then raises accuracy and response length together (DeepSeek-R1 report, §2.2.4, Figures 2
-and 3). A small share of the corpus is general requests ("name a color"), answered well or in one
+and 3). Operands have 2 or 3 digits, and the harder the problem the rarer its worked solution in
+the corpus (`worked_decay`), so R1-Zero's accuracy climbs over tens of steps instead of saturating
+in ten as it did on 2-digit sums alone (`--max_digits 2`, the first toy); 3-digit problems are
+worked in English only (`zh_think_max_digits`), so R1-Zero's reasoning on hard Chinese prompts comes
+out in English (the report's language mixing) in every seed rather than by chance.
+
+A small share of the corpus is general requests ("name a color"), answered well or in one
 of three dispreferred ways; `general_samples()` and `preference_pairs()` give the non-verifiable
 prompts of stages 3-4 (rejection sampling, a preference reward model).
 
@@ -151,9 +157,12 @@ def _setting(default, help: str):
 @dataclass
 class ToyConfig:
     min_digits: int = _setting(2, "toy: fewest digits in an operand (1 allows 0..9)")
-    # with 2, the default base model thinks right 82% of the time when made to think, and answers
-    # directly right 7% of the time
-    max_digits: int = _setting(2, "toy: most digits in an operand")
+    # 2..3 digits: a range of difficulty. `--max_digits 2` is the first toy (2-digit sums only, on
+    # which R1-Zero saturates within ten steps); the two corpus settings below change nothing
+    # there. With 2..4 or 1..3 digits, 600 pretraining steps left the base misreading the digits
+    # (held-out accuracy 0.00-0.04) and R1-Zero did not move it in 30 steps.
+    max_digits: int = _setting(3, "toy: most digits in an operand (each operand's count is uniform in "
+                                  "min..max)")
     zh_frac: float = _setting(0.3, "toy: share of prompts written in Chinese")
     eval_frac: float = _setting(0.1, "toy: share of problems held out (by a hash of the pair)")
     eval_seed: int = _setting(0, "toy: seed of the fixed held-out list")
@@ -162,6 +171,10 @@ class ToyConfig:
     direct_frac: float = _setting(0.45, "toy corpus: answer only, right (what greedy decoding mostly picks)")
     wrong_frac: float = _setting(0.15, "toy corpus: final answer off (steps right), half worked, half direct")
     cross_lang_frac: float = _setting(0.10, "toy corpus: worked and right, steps in the other language")
+    worked_decay: float = _setting(0.5, "toy corpus: the worked share is multiplied by this for each digit "
+                                        "the longer operand has beyond min_digits (the rest answer directly)")
+    zh_think_max_digits: int = _setting(2, "toy corpus: Chinese chains of thought only on problems up to "
+                                           "this many digits; longer ones are worked in English")
     wrong_max_delta: int = _setting(9, "toy corpus: a wrong answer is off by 1..wrong_max_delta")
     general_doc_frac: float = _setting(0.05, "toy corpus: share of all documents that are general requests")
     general_good_frac: float = _setting(0.4, "toy corpus: share of general documents answered well (the "
@@ -175,7 +188,9 @@ class ToyConfig:
         if abs(mix - 1.0) > 1e-6:
             raise ValueError(f"ToyConfig: worked/direct/wrong/cross_lang fractions sum to {mix:.3f}; "
                              "make them sum to 1")
-        for name in ("zh_frac", "general_doc_frac", "general_good_frac"):
+        if self.zh_think_max_digits < 1:
+            raise ValueError(f"ToyConfig: zh_think_max_digits={self.zh_think_max_digits}; use at least 1")
+        for name in ("zh_frac", "general_doc_frac", "general_good_frac", "worked_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"ToyConfig: {name}={getattr(self, name)} is not in [0, 1]; use a fraction")
         if not 0.0 < self.eval_frac < 1.0:
@@ -247,19 +262,29 @@ class ToyArithmetic:
 
     # pretraining corpus
     def _arith_doc(self, rng: random.Random) -> str:
+        """One arithmetic document. The harder the problem, the rarer its worked solution (the
+        worked share decays with the digit count, the rest answer directly), and hard problems are
+        worked in English only: the base model seldom thinks on them, and when it learns to, a
+        Chinese prompt's reasoning comes out in English (R1 §2.2.4's language mixing)."""
         cfg = self.cfg
         a, b, lang = self._problem(rng, heldout=False)
+        digits = max(len(str(a)), len(str(b)))
+        keep = cfg.worked_decay ** max(digits - cfg.min_digits, 0)  # of each worked share; the rest: direct
+        short = digits <= cfg.zh_think_max_digits
+        think, other = (lang, OTHER_LANG[lang]) if short else ("en", "en")
+        worked, cross = cfg.worked_frac * keep, cfg.cross_lang_frac * keep
+        direct = 1.0 - cfg.wrong_frac - worked - cross
         r = rng.random()
-        if r < cfg.worked_frac:
-            resp = worked_response(a, b, lang)
-        elif r < cfg.worked_frac + cfg.direct_frac:
+        if r < worked:
+            resp = worked_response(a, b, think)
+        elif r < worked + direct:
             resp = direct_response(a + b)
-        elif r < cfg.worked_frac + cfg.direct_frac + cfg.wrong_frac:
+        elif r < worked + direct + cfg.wrong_frac:
             delta = rng.randint(1, cfg.wrong_max_delta)
             wrong = a + b + delta if (rng.random() < 0.5 or a + b < delta) else a + b - delta
-            resp = worked_response(a, b, lang, wrong) if rng.random() < 0.5 else direct_response(wrong)
+            resp = worked_response(a, b, think, wrong) if rng.random() < 0.5 * keep else direct_response(wrong)
         else:
-            resp = worked_response(a, b, OTHER_LANG[lang])
+            resp = worked_response(a, b, other)
         return toy_prompt(f"{a}+{b}=?", lang) + resp
 
     def _general_doc(self, rng: random.Random) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 import recipe  # noqa: E402
+import sweep  # noqa: E402
 from data import DataError  # noqa: E402
 from grpo import LOSS_PRESETS  # noqa: E402
 from rewards import RewardError  # noqa: E402
@@ -44,7 +45,8 @@ GROUPS = (("run", "", "the recipe"),
                        "sft, rs, distill and eval)"),
           ("loss", "", "the GRPO loss (defaults: the --loss preset's)"),
           ("rm", "rm_", "the reward model (stage rm)"),
-          ("toy", "", "the toy task (--task toy)"))
+          ("toy", "", "the toy task (--task toy)"),
+          ("sweep", "", "seeds and ablations (sweep.py: one process and run directory per seed and setting)"))
 # Which config a training stage reads its optimizer settings from.
 PRIMARY = {**{s: "sft" for s in recipe.SFT_STAGES}, **{s: "grpo" for s in recipe.RL_STAGES}, "rm": "rm"}
 TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
@@ -157,6 +159,22 @@ def parse_args(argv: list[str]) -> dict[str, dict]:
     return out
 
 
+def to_argv(args: dict[str, dict], sets: dict[str, str]) -> list[str]:
+    """parse_args's result back into flags, without the sweep's own, with `sets` ({flag: value})
+    replacing any flag of the same name: the command line of one run of a sweep."""
+    owner = {name: owners[0] for name, owners in flags().items()}
+    out = {}
+    for name, (key, f) in owner.items():
+        if key != "sweep" and f.name in args.get(key, {}):
+            v = args[key][f.name]
+            out[name] = str(v).lower() if isinstance(v, bool) else str(v)
+    unknown = [name for name in sets if name not in owner]
+    if unknown:
+        raise UserError(f"--sweep {unknown[0]}=...: no flag --{unknown[0]}; sweep one of the flags --help lists")
+    out.update(sets)
+    return [a for name, v in out.items() for a in (f"--{name}", v)]
+
+
 def stages_of(spec: str) -> list[str]:
     """`--stage a,b,all` -> the stage names, `all` expanded, each checked."""
     out = []
@@ -186,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         stages = stages_of(run.stage)
         configs = [recipe.stage_configs(args, s) for s in stages]  # every setting checked before any runs
         check_out(run.out, stages)
+        sc = sweep.sweep_config(args["sweep"])
+        if sc.active():  # one train.py process per seed and setting, then the table and the plots
+            sweep.run_sweep(args, sc, stages, to_argv)
+            return 0
         if run.threads:
             torch.set_num_threads(run.threads)
         d = init_distributed(run.device, run.dist_timeout)

@@ -90,6 +90,21 @@ def test_fit_stops_on_the_time_budget(tmp_path):
     assert saved_step(run) == out["steps"]  # the last step is checkpointed like the end of a run
 
 
+def test_fit_stops_on_the_token_budget_and_a_resumed_spent_run_stays_stopped(tmp_path):
+    run, model, opt = stage(tmp_path, ckpt_every=100)
+
+    def steps():
+        while True:
+            yield {"loss": 1.0, "sampled_tokens": 100.0}
+    out = runtime.fit(run, model, opt, None, steps(), 1000, loop_state=dict, keys=["loss"], token_budget=250)
+    assert out["steps"] == 3 and out["tokens"] == 300.0
+    assert saved_step(run) == 3
+    resumed = runtime.StageRun(tmp_path, "s", runtime.Dist(), 100, {})
+    resumed.resume(model, opt)
+    again = runtime.fit(resumed, model, opt, None, steps(), 1000, loop_state=dict, keys=["loss"], token_budget=250)
+    assert again == out  # the budget was spent: no step runs
+
+
 def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
     target = tmp_path / "ckpt"
     with atomic_dir(target) as tmp:
@@ -130,6 +145,27 @@ def test_train_rl_learns_from_a_stub_reward_and_resumes_by_step():
     assert last > first + 0.2, (first, last)
     assert len(list(grpo.train_rl(policy, None, tok, lambda n: samples[:n], share_of_x, cfg, lcfg, opt,
                                   start=28))) == 2
+
+
+def test_sampled_tokens_count_dynamic_samplings_discarded_groups():
+    """gen_tokens: the completions trained on; sampled_tokens: every completion sampled, the groups
+    dynamic sampling threw away too (the ablations' token budget)."""
+    tok = build_char_tokenizer("abcx")
+    torch.manual_seed(0)
+    policy = Transformer(preset("micro", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id))
+    samples = [{"prompt": p} for p in ["ab", "ba", "abc", "cab"] * 10]
+    stream = iter(samples)
+    flat = lambda completions, _: ([0.0] * len(completions), {})  # every group uninformative: refills
+    cfg = grpo.GRPOConfig(prompts_per_step=4, group_size=3, max_new_tokens=6, max_refill=2)
+    for dynamic in (False, True):
+        lcfg = grpo.loss_preset("dapo", dynamic_sampling=dynamic, overlong_buffer_frac=0.0)
+        _, info = grpo.collect(policy, None, tok, lambda n: [next(stream) for _ in range(n)], 4, flat, cfg, lcfg,
+                               seed=3)
+        assert info["prompts_drawn"] == (12 if dynamic else 4)
+        if dynamic:  # three rounds of 4 groups sampled, the last round's kept
+            assert info["sampled_tokens"] > info["gen_tokens"] > 0
+        else:
+            assert info["sampled_tokens"] == info["gen_tokens"] > 0
 
 
 # --- the import tree --------------------------------------------------------------------------------

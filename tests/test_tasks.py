@@ -112,8 +112,9 @@ def _classify(doc: str) -> str:
 
 
 def test_corpus_mix_matches_config():
-    cfg = TOY.cfg
-    docs = TOY.pretrain_corpus(20000, seed=1)
+    toy = ToyArithmetic(ToyConfig(min_digits=2, max_digits=2))  # one difficulty: the shares are the settings'
+    cfg = toy.cfg
+    docs = toy.pretrain_corpus(20000, seed=1)
     kinds = [_classify(d) for d in docs]
     frac = lambda k: kinds.count(k) / len(kinds)
     arith = 1 - cfg.general_doc_frac
@@ -127,6 +128,27 @@ def test_corpus_mix_matches_config():
         assert 1 <= abs(_answer(m[3]) - int(m[1]) - int(m[2])) <= cfg.wrong_max_delta
     zh = sum(d.startswith("用户") for d in docs) / len(docs)
     assert abs(zh - cfg.zh_frac) < 0.015
+
+
+def test_corpus_hard_problems_rarely_worked_and_worked_in_english():
+    cfg = TOY.cfg  # the default: operands of 1..3 digits
+    docs = [d for d in TOY.pretrain_corpus(30000, seed=2) if DOC.fullmatch(d)]
+    by_digits: dict[int, list[str]] = {}
+    for d in docs:
+        m = DOC.fullmatch(d)
+        by_digits.setdefault(max(len(m[1]), len(m[2])), []).append(d)
+    assert sorted(by_digits) == list(range(cfg.min_digits, cfg.max_digits + 1)) and cfg.max_digits > 2
+    for n, ds in by_digits.items():
+        right_worked = [d for d in ds if _classify(d) in ("worked", "cross_lang")]
+        keep = cfg.worked_decay ** (n - cfg.min_digits)
+        expect = (cfg.worked_frac + cfg.cross_lang_frac) * keep
+        assert abs(len(right_worked) / len(ds) - expect) < 0.02, (n, len(right_worked) / len(ds), expect)
+        thought = [d for d in ds if "<think>" in d]
+        zh_chains = [d for d in thought if _step_lang(DOC.fullmatch(d)[3]) == "zh"]
+        if n <= cfg.zh_think_max_digits:
+            assert any(d.startswith("用户") for d in zh_chains)  # Chinese prompts, Chinese steps
+        else:
+            assert not zh_chains  # hard problems are worked in English only, whatever the prompt
 
 
 def test_corpus_deterministic_and_seeded():

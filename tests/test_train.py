@@ -470,6 +470,37 @@ def test_on_policy_update_takes_pi_old_from_its_own_forward():
         _update(implicit, micro_batch=3, minibatches=2)
 
 
+def test_sft_step_independent_of_micro_batch():
+    """sft_step groups examples into micro-batches by length (less padding); the update is the
+    whole batch's either way, ragged lengths and loss masks included."""
+    import sft
+    gen = torch.Generator().manual_seed(0)
+    batch = []
+    for n in (3, 11, 5, 9, 2, 7):  # ragged, out of length order
+        ids = torch.randint(0, 50, (n,), generator=gen).tolist()
+        batch.append((ids, [0] * (n // 3) + [1] * (n - n // 3)))
+    torch.manual_seed(0)
+    m0 = Transformer(preset("micro", vocab_size=50))  # the reference: one padded batch, in order
+    ids, mask = sft.collate(batch, 0)
+    loss = sft.sft_loss(m0(ids), ids, mask)
+    loss.backward()
+    with torch.no_grad():
+        for p in m0.parameters():
+            p -= 1e-1 * p.grad
+    l0, models = loss.item(), []
+    for micro in (6, 2, 1):
+        torch.manual_seed(0)
+        model = Transformer(preset("micro", vocab_size=50))
+        opt = torch.optim.SGD(model.parameters(), lr=1e-1)
+        row = sft.sft_step(model, opt, batch, 0, sft.SFTConfig(micro_batch=micro, max_grad_norm=1e9), 1e-1)
+        models.append((model, row["loss"]))
+    rest = models
+    for m, loss in rest:
+        assert abs(loss - l0) < 1e-5
+        for (k, p0), p in zip(m0.named_parameters(), m.parameters()):
+            assert torch.allclose(p0, p, atol=1e-6, rtol=1e-5), k
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
