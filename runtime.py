@@ -137,7 +137,7 @@ def shard(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
 
 # --- checkpoints a stage starts from ------------------------------------------------------------------
 
-# `run` below is the recipe's RunConfig (recipe.py): its out, dtype, task and reward_model.
+# `run` below is the run's RunConfig (settings.py): its out, dtype, task and reward_model.
 
 def find_model(run, given: str, flag: str, stage: str, previous: str, what: str = "checkpoint") -> Path:
     """`given` if set, else <out>/<previous>/model: the model a stage starts from, checked to exist."""

@@ -28,7 +28,7 @@ from optim import check_training, clip_and_step, set_lr
 @dataclass
 class SFTConfig:
     """One supervised stage's settings. The defaults are the toy's cold start (R1 stage 1); the
-    recipe overrides some per stage (see recipe.SFT_STAGE_DEFAULTS)."""
+    recipe overrides some per stage (see settings.SFT_STAGE_DEFAULTS)."""
     steps: int = field(default=150, metadata={"help": "training steps (RL: rollout batches, each mu * "
                                                       "minibatches optimizer steps)"})
     batch_size: int = field(default=32, metadata={"help": "examples per optimizer step (global, over ranks)"})

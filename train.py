@@ -30,6 +30,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 import recipe  # noqa: E402
+import settings  # noqa: E402
 import sweep  # noqa: E402
 from data import DataError  # noqa: E402
 from grpo import LOSS_PRESETS  # noqa: E402
@@ -37,7 +38,7 @@ from rewards import RewardError  # noqa: E402
 from rollout import ContextError  # noqa: E402
 from runtime import UserError, init_distributed, release_locks  # noqa: E402
 
-# Flag groups: (key in recipe.CONFIGS, prefix of its flags, title). A name in two configs is one
+# Flag groups: (key in settings.CONFIGS, prefix of its flags, title). A name in two configs is one
 # flag that sets both (--steps sets SFTConfig.steps and GRPOConfig.steps: each stage reads its own).
 GROUPS = (("run", "", "the recipe"),
           ("sft", "", "training (every stage that trains; SFT-only ones say so)"),
@@ -48,7 +49,7 @@ GROUPS = (("run", "", "the recipe"),
           ("toy", "", "the toy task (--task toy)"),
           ("sweep", "", "seeds and ablations (sweep.py: one process and run directory per seed and setting)"))
 # Which config a training stage reads its optimizer settings from.
-PRIMARY = {**{s: "sft" for s in recipe.SFT_STAGES}, **{s: "grpo" for s in recipe.RL_STAGES}, "rm": "rm"}
+PRIMARY = {**{s: "sft" for s in settings.SFT_STAGES}, **{s: "grpo" for s in settings.RL_STAGES}, "rm": "rm"}
 TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
 DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only"}
@@ -67,7 +68,7 @@ def flags() -> dict[str, list[tuple[str, object]]]:
     """--flag name -> [(config key, dataclass field)] it sets, in GROUPS order."""
     out: dict[str, list] = {}
     for key, prefix, _ in GROUPS:
-        for f in fields(recipe.CONFIGS[key]):
+        for f in fields(settings.CONFIGS[key]):
             out.setdefault(prefix + f.name, []).append((key, f))
     return out
 
@@ -83,7 +84,7 @@ def default_text(owners: list) -> str:
         values = {name: getattr(p, f.name) for name, p in LOSS_PRESETS.items()}
     else:
         keys = {k for k, _ in owners}
-        values = {stage: getattr(recipe.stage_configs({}, stage)[k], f.name)
+        values = {stage: getattr(settings.stage_configs({}, stage)[k], f.name)
                   for stage, k in PRIMARY.items() if k in keys}
     if len(set(map(repr, values.values()))) <= 1:
         return f"default {_default(f)!r}" if isinstance(_default(f), str) else f"default {_default(f)}"
@@ -179,9 +180,9 @@ def stages_of(spec: str) -> list[str]:
     """`--stage a,b,all` -> the stage names, `all` expanded, each checked."""
     out = []
     for s in (s.strip() for s in spec.split(",")):
-        if s not in recipe.STAGES + ("all",):
-            raise UserError(f"unknown stage {s!r}; choose from {', '.join(recipe.STAGES + ('all',))}")
-        out += list(recipe.ALL_STAGES) if s == "all" else [s]
+        if s not in settings.STAGES + ("all",):
+            raise UserError(f"unknown stage {s!r}; choose from {', '.join(settings.STAGES + ('all',))}")
+        out += list(settings.ALL_STAGES) if s == "all" else [s]
     return out
 
 
@@ -200,9 +201,9 @@ def check_out(out: str, stages: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        run = recipe.stage_configs(args, "eval")["run"]
+        run = settings.stage_configs(args, "eval")["run"]
         stages = stages_of(run.stage)
-        configs = [recipe.stage_configs(args, s) for s in stages]  # every setting checked before any runs
+        configs = [settings.stage_configs(args, s) for s in stages]  # every setting checked before any runs
         check_out(run.out, stages)
         sc = sweep.sweep_config(args["sweep"])
         if sc.active():  # one train.py process per seed and setting, then the table and the plots

@@ -12,7 +12,7 @@ import tasks  # noqa: E402
 import toy  # noqa: E402
 from checkpoint import save_pretrained  # noqa: E402
 from model import Transformer, preset  # noqa: E402
-from recipe import RunConfig  # noqa: E402
+from settings import RunConfig  # noqa: E402
 from runtime import UserError, get_task  # noqa: E402
 from tokenizer import R1_SYSTEM, Tokenizer, build_char_tokenizer, byte_symbols, chat_prompt  # noqa: E402
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import recipe
+import settings
 import train
 from grpo import LOSS_PRESETS
 from runtime import UserError
@@ -46,7 +47,7 @@ def test_help_lists_every_setting_once_with_a_description(help_text):
     lines = flag_lines(help_text)
     names = set()
     for key, prefix, _ in train.GROUPS:
-        for f in dataclasses.fields(recipe.CONFIGS[key]):
+        for f in dataclasses.fields(settings.CONFIGS[key]):
             names.add(prefix + f.name)
     assert set(lines) == {f"--{n}" for n in names}
     for flag, text in lines.items():
@@ -57,7 +58,7 @@ def test_help_defaults_are_the_ones_that_run(help_text):
     lines = flag_lines(help_text)
     for stage, value in (("pretrain", 600), ("sft", 150), ("rs", 100), ("distill", 300), ("rl", 20)):
         key = train.PRIMARY[stage]
-        assert getattr(recipe.stage_configs({}, stage)[key], "steps") == value
+        assert getattr(settings.stage_configs({}, stage)[key], "steps") == value
         assert re.search(rf"\b{stage}\b[^,]* {value}\b", lines["--steps"]), lines["--steps"]
     assert "zero/grpo 80" in lines["--steps"]
     assert "default 40" in lines["--rm_steps"]
@@ -69,9 +70,9 @@ def test_help_defaults_are_the_ones_that_run(help_text):
 def test_shared_name_sets_both_configs_and_each_stage_reads_its_own():
     args = train.parse_args(["--steps", "7", "--lr", "0.5"])
     for stage in ("pretrain", "zero"):
-        c = recipe.stage_configs(args, stage)
+        c = settings.stage_configs(args, stage)
         assert c["sft"].steps == c["grpo"].steps == 7 and c["sft"].lr == c["grpo"].lr == 0.5
-    assert recipe.stage_configs(args, "rm")["rm"].steps == 40  # the reward model has its own --rm_steps
+    assert settings.stage_configs(args, "rm")["rm"].steps == 40  # the reward model has its own --rm_steps
 
 
 def test_flag_spellings_and_booleans():
@@ -80,8 +81,8 @@ def test_flag_spellings_and_booleans():
     assert a["grpo"]["group_size"] == 3
     assert train.parse_args(["--dynamic_sampling", "false"])["loss"]["dynamic_sampling"] is False
     assert train.parse_args(["--dynamic_sampling=no"])["loss"]["dynamic_sampling"] is False
-    assert recipe.stage_configs(train.parse_args(["--loss", "dapo"]), "zero")["loss"].dynamic_sampling is True
-    c = recipe.stage_configs(train.parse_args(["--loss", "dapo", "--dynamic_sampling", "0"]), "zero")
+    assert settings.stage_configs(train.parse_args(["--loss", "dapo"]), "zero")["loss"].dynamic_sampling is True
+    c = settings.stage_configs(train.parse_args(["--loss", "dapo", "--dynamic_sampling", "0"]), "zero")
     assert c["loss"].dynamic_sampling is False and c["loss"].clip_high == 0.28
     assert train.parse_args(["--rm_lr", "0.01"])["rm"] == {"lr": 0.01}
     assert train.parse_args(["--clip_low", "-0.5"])["loss"]["clip_low"] == -0.5  # refused later, by LossConfig

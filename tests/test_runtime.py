@@ -212,7 +212,7 @@ def test_grpo_imports_only_torch_and_the_sampler_and_runs_without_triton():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import model, rollout, grpo\n"
             "bad = {'rewards', 'answers', 'sft', 'tasks', 'toy', 'data', 'runtime', 'recipe', 'checkpoint', "
-            "'reward_model', 'tokenizer'} & set(sys.modules)\n"
+            "'reward_model', 'tokenizer', 'settings', 'sweep'} & set(sys.modules)\n"
             "assert not bad, bad\n"
             "m = model.Transformer(model.preset('micro'))\n"
             "r = rollout.generate(m, [[1, 2, 3]], 4, num_samples=2, seed=0)\n"
