@@ -486,7 +486,7 @@ def train_rl(policy, ref, tok, draw_prompts: Callable[[int], list[dict]], reward
 
 
 def rl_step(policy, ref, tok, draw_prompts, reward_fn: RewardFn, cfg: GRPOConfig, lcfg: LossConfig,
-            optimizer, lr: float, seed: int, world: int = 1, all_reduce=None) -> dict:
+            optimizer, lr: float, seed: int | list[int], world: int = 1, all_reduce=None) -> dict:
     """One GRPO step (DeepSeekMath Algorithm 1, inner loop) on this rank's share of prompts.
 
     Sampling, scoring and advantages are local (whole groups live on one rank); `policy_update`
@@ -522,7 +522,7 @@ class Batch:
 
 
 def collect(policy, ref, tok, draw_prompts, n_prompts: int, reward_fn: RewardFn, cfg: GRPOConfig,
-            lcfg: LossConfig, seed: int, all_reduce=None) -> tuple[Batch, dict]:
+            lcfg: LossConfig, seed: int | list[int], all_reduce=None) -> tuple[Batch, dict]:
     """Sample G completions for each of `n_prompts` prompts (this rank's P / world), score them with
     `reward_fn`, compute advantages and the old/ref logprobs the loss holds fixed. Returns the Batch
     and rollout statistics. `all_reduce` (sum over ranks) makes the batch std global (adv_scale
@@ -631,7 +631,8 @@ def _sum(x: float, all_reduce) -> float:
     return all_reduce(x) if all_reduce is not None else x
 
 
-def _sample_and_score(policy, tok, samples, reward_fn: RewardFn, cfg: GRPOConfig, lcfg: LossConfig, seed: int):
+def _sample_and_score(policy, tok, samples, reward_fn: RewardFn, cfg: GRPOConfig, lcfg: LossConfig,
+                      seed: int | list[int]):
     """G completions of each sample's prompt; their rewards (P, G); the mean of each component over
     the samples it applies to (NaN if none); each component's values (P, G), NaN where it does not apply."""
     G = cfg.group_size
