@@ -27,7 +27,10 @@ import answers as A
 import rewards as R
 
 GSM8K_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
-FAST = 0.05  # seconds: the most any single call may take, hostile 1 MB inputs included
+# Seconds: the most any single call may take, hostile 1 MB inputs included. A linear scan of 1 MB
+# takes a few ms; a quadratic or backtracking regex takes minutes, so 0.5 s tells them apart with
+# room for a CPU shared with other jobs.
+FAST = 0.5
 
 
 def box(answer: str, think: str = "She sells 16 - 3 - 4 = 9 eggs at $2 each.") -> str:
