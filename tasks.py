@@ -217,13 +217,14 @@ class _FileTask:
             self._cache[path] = rows
         return self._cache[path]
 
-    def check_prompts(self, encode, budget: int, limit: int) -> None:
+    def check_prompts(self, encode, budget: int, limit: int, render=None) -> None:
         """Every train and eval prompt leaves `budget` new tokens within `limit` (the model's
         context): the first that does not is a DataError naming its path:line, before a run starts
-        rather than when the row is drawn."""
+        rather than when the row is drawn. `render` (sample -> sample) is the prompt's last form
+        (ChatPrompts.render); the sample's own prompt without it."""
         for path in dict.fromkeys((self.train_path, self.eval_path)):
             for i, row in enumerate(self._load(path)):
-                n = len(encode(row["prompt"]))
+                n = len(encode((render(row) if render else row)["prompt"]))
                 if n + budget > limit:
                     # row i is the file's i-th non-blank line (the loaders keep every line, in order)
                     lineno = next(itertools.islice(data.read_jsonl(path), i, None))[0]
@@ -287,6 +288,8 @@ class ChatPrompts:
         attr = getattr(self.task, name)
         if name in self.SAMPLE_STREAMS:
             return lambda *args, **kw: map(self.render, attr(*args, **kw))
+        if name == "check_prompts":  # a file task's check, on the prompts as rendered here
+            return lambda encode, budget, limit: attr(encode, budget, limit, render=self.render)
         return attr
 
 

@@ -149,6 +149,23 @@ def test_template_flag(tmp_path):
         get_task(run, toy.ToyConfig())
 
 
+
+def test_file_prompts_are_checked_as_the_chat_template_renders_them(tmp_path):
+    """--template chat: the start-of-run length check reads the rendered prompt (system message
+    and all), so a line that fits only without the template is still named by file:line."""
+    tok = byte_tokenizer(SMOLLM2, False)
+    rows = tmp_path / "p.jsonl"
+    rows.write_text(json.dumps({"prompt": "1+1=?", "answer": "2"}) + "\n"
+                    + json.dumps({"prompt": "1+" * 40 + "1=?", "answer": "41"}) + "\n")
+    chat = tasks.ChatPrompts(tasks.get_task(f"jsonl:{rows}"), tok)
+    longest = max(len(tok.encode(s["prompt"])) for s in chat.eval_samples())
+    raw = max(len(tok.encode(s["prompt"])) for s in tasks.get_task(f"jsonl:{rows}").eval_samples())
+    assert raw < longest  # the rendered prompt is the longer one: R1_SYSTEM plus the chat markup
+    chat.check_prompts(tok.encode, 4, longest + 4)  # fits exactly
+    with pytest.raises(tasks.data.DataError, match=f"{rows}:2: the prompt has {longest} tokens"):
+        chat.check_prompts(tok.encode, 4, longest + 3)
+    assert not hasattr(tasks.ChatPrompts(tasks.get_task("toy"), tok), "check_prompts")  # generated tasks have none
+
 TOY_TEXTS = ["User: 478+56=? Assistant:", "用户: 47+38=? 助手: <think> 7+8=15 进1，得5。 </think> <answer>85</answer>",
              "say hello  twice<|endoftext|>", "<think> they want me to say hello. </think> <answer>hello</answer>"]
 
