@@ -320,9 +320,11 @@ def stage_sft(c: dict, d: Dist) -> None:
         rows = load_sft_jsonl(run.data)
     else:
         zero = find_model(run, "", "--data FILE", "sft", "zero", "R1-Zero model to sample")
+        task = get_task(run, c["toy"], zero)
+        check_prompts(task, zero, c["grpo"].max_new_tokens)
         teacher, ttok = load_model(zero, run, d)
-        rows = collect_verified(teacher, ttok, get_task(run, c["toy"], zero), run.sft_prompts, run.sft_samples,
-                                c["grpo"], derive_seed(run.seed, "sft"), d)
+        rows = collect_verified(teacher, ttok, task, run.sft_prompts, run.sft_samples, c["grpo"],
+                                derive_seed(run.seed, "sft"), d)
         if d.main:
             write_jsonl(Path(run.out) / "sft" / "cold_start.jsonl", rows)
         if not rows:
@@ -394,6 +396,7 @@ def stage_rs(c: dict, d: Dist) -> None:
     run, g, frac = c["run"], c["grpo"], c["run"].rs_reasoning_frac
     teacher_path = find_model(run, run.teacher, "--teacher DIR", "rs", "grpo", "teacher checkpoint")
     task = get_task(run, c["toy"], teacher_path)
+    check_prompts(task, teacher_path, g.max_new_tokens)
     if frac < 1.0 and not hasattr(task, "general_samples"):
         raise UserError(f"stage rs: task {run.task!r} has no general prompts; use --task toy or "
                         "--rs_reasoning_frac 1")
@@ -458,6 +461,7 @@ def stage_distill(c: dict, d: Dist) -> None:
     run, g = c["run"], c["grpo"]
     teacher_path = find_model(run, run.teacher, "--teacher DIR", "distill", "rl", "teacher checkpoint")
     task = get_task(run, c["toy"], teacher_path)
+    check_prompts(task, teacher_path, g.max_new_tokens)
     base = Path(run.out) / "student_base" / "model"
     if not (base / "config.json").is_file():
         if not hasattr(task, "pretrain_corpus"):

@@ -710,6 +710,15 @@ def test_data_lines_too_deep_or_too_long_name_their_line(pretrain4, tmp_path, ca
     assert run("--stage", "zero", "--out", str(tmp_path / "r"), "--init", model, "--task", f"jsonl:{long}") == 2
     assert f"{long}:2: the prompt has 402 tokens" in _err(capsys)
     assert not (tmp_path / "r" / "zero").exists()
+    # the stages that sample a teacher check before sampling too
+    os.makedirs(tmp_path / "r" / "zero")
+    os.symlink(model, tmp_path / "r" / "zero" / "model")
+    for stage, flags in (("sft", []), ("rs", ["--teacher", model, "--rs_reasoning_frac", "1"]),
+                         ("distill", ["--teacher", model])):
+        assert run("--stage", stage, "--out", str(tmp_path / "r"), "--init", model, "--task", f"jsonl:{long}",
+                   *flags) == 2, stage
+        assert f"{long}:2: the prompt has 402 tokens" in _err(capsys), stage
+        assert not (tmp_path / "r" / stage).exists() and not (tmp_path / "r" / "student_base").exists()
 
 
 def test_a_done_or_changed_stage_is_answered_before_it_prepares(pretrained, tmp_path, monkeypatch, capsys):
